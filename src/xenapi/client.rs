@@ -145,10 +145,10 @@ impl XenApiClient {
             let mut current = self.current.write().expect("lock poisoned");
             current.session.take().map(|s| (current.url.clone(), s))
         };
-        if let Some((url, session)) = taken {
-            if let Err(e) = self.send(&url, "session.logout", &[Value::String(session)]).await {
-                debug!(error = %e, "XenAPI logout failed");
-            }
+        if let Some((url, session)) = taken
+            && let Err(e) = self.send(&url, "session.logout", &[Value::String(session)]).await
+        {
+            debug!(error = %e, "XenAPI logout failed");
         }
     }
 

@@ -1,0 +1,95 @@
+//! A small client for the control API over its Unix socket, used by the CLI and tests.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+/// Why a request to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to xenapinfsd at {path}: {source} (is the service running?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to xenapinfsd: {0}")]
+    Http(String),
+    /// The daemon answered with its JSON error shape.
+    #[error("{message}")]
+    Api { status: u16, kind: String, message: String },
+    #[error("unexpected answer from xenapinfsd: {0}")]
+    Decode(String),
+}
+
+/// Sends requests to `xenapinfsd`.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket: PathBuf,
+}
+
+impl ApiClient {
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        ApiClient {
+            socket: socket.as_ref().to_path_buf(),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(connection);
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "xenapinfsd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(payload)))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let parsed: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let error = &parsed["error"];
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                kind: error["kind"].as_str().unwrap_or("unknown").to_string(),
+                message: error["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {status}")),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}

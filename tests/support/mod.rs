@@ -1,0 +1,197 @@
+//! Shared helpers of the integration tests: the simulator and the daemon as real processes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xenapinfs::xenapi::codec::{self, Decoded, Value};
+use xenapinfs::xenapi::{ClientSettings, Password, TlsTrust, TransportSettings, XenApiClient};
+
+pub const SIM_PASSWORD: &str = "sim-secret";
+pub const VM_UUID: &str = "5d6a2a1e-8d5e-4d8b-9a53-0f4c6c1f2b7a";
+
+/// Options of a simulator run.
+#[derive(Debug, Default, Clone)]
+pub struct SimOptions {
+    pub tls: bool,
+    pub pool_slave: bool,
+    pub extra: Vec<String>,
+}
+
+/// A running `xenapinfs-sim` in its own temporary directory; stopped with SIGTERM on drop.
+pub struct Sim {
+    child: Option<Child>,
+    pub url: String,
+    pub slave_url: Option<String>,
+    pub fingerprint: Option<String>,
+    pub ca_file: PathBuf,
+    pub export: PathBuf,
+    pub dev_dir: PathBuf,
+    pub call_log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sim {
+    pub fn start(options: SimOptions) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("export");
+        let dev_dir = dir.path().join("dev");
+        std::fs::create_dir_all(&export).unwrap();
+        std::fs::create_dir_all(&dev_dir).unwrap();
+        let ca_file = dir.path().join("sim-ca.pem");
+        let call_log = dir.path().join("calls.jsonl");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xenapinfs-sim"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--password", SIM_PASSWORD, "--vm-uuid", VM_UUID])
+            .arg("--export")
+            .arg(&export)
+            .arg("--dev-dir")
+            .arg(&dev_dir)
+            .arg("--call-log")
+            .arg(&call_log)
+            .args(["--auth-failure-delay-ms", "0"])
+            .args(&options.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if options.tls {
+            command.arg("--tls").arg("--tls-ca-out").arg(&ca_file);
+        }
+        if options.pool_slave {
+            command.arg("--pool-slave");
+        }
+        let mut child = command.spawn().expect("start xenapinfs-sim");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line.trim().to_string();
+        assert!(url.starts_with("http"), "simulator printed {url:?} instead of its URL");
+        let slave_url = options.pool_slave.then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.trim().to_string()
+        });
+        // Keep reading both streams so the simulator never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let fingerprint = if options.tls {
+            let mut found = None;
+            let mut line = String::new();
+            while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+                if let Some((_, fp)) = line.split_once("SHA-256 fingerprint:") {
+                    found = Some(fp.trim().to_string());
+                    break;
+                }
+                line.clear();
+            }
+            Some(found.expect("simulator printed no TLS fingerprint"))
+        } else {
+            None
+        };
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            if !rest.trim().is_empty() {
+                eprintln!("[sim stderr] {rest}");
+            }
+        });
+        Sim {
+            child: Some(child),
+            url,
+            slave_url,
+            fingerprint,
+            ca_file,
+            export,
+            dev_dir,
+            call_log,
+            dir,
+        }
+    }
+
+    pub fn plain() -> Sim {
+        Sim::start(SimOptions::default())
+    }
+
+    /// A client of this simulator with the given trust policy.
+    pub fn client_with(&self, url: &str, password: &str, trust: TlsTrust) -> XenApiClient {
+        XenApiClient::new(ClientSettings {
+            url: reqwest::Url::parse(url).unwrap(),
+            username: "root".into(),
+            password: Password::new(password),
+            transport: TransportSettings {
+                trust,
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(30),
+                originator: "xenapinfs-tests".into(),
+            },
+        })
+        .unwrap()
+    }
+
+    pub fn client(&self) -> XenApiClient {
+        self.client_with(&self.url, SIM_PASSWORD, TlsTrust::Insecure)
+    }
+
+    /// Calls one of the simulator's own `simulator.*` control methods.
+    pub async fn control(&self, method: &str, params: &[Value]) -> Value {
+        let http = reqwest::Client::builder()
+            .tls_danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let body = codec::encode_call(method, params);
+        let response = http.post(&self.url).body(body).send().await.unwrap();
+        let bytes = response.bytes().await.unwrap();
+        match codec::decode_response(&bytes).unwrap() {
+            Decoded::Success(value) => value,
+            Decoded::Failure(f) => panic!("{method} failed: {f}"),
+        }
+    }
+
+    /// XenAPI methods the simulator received, from its call log.
+    pub fn logged_methods(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.call_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|entry| entry["method"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        wait_with_timeout(&mut child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Entries of a directory, sorted, for leftover checks.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|it| it.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
