@@ -195,3 +195,108 @@ pub fn entries(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// A configuration file for `xenapinfsd` pointing at `sim`, in the simulator's directory.
+pub fn daemon_config(sim: &Sim, extra: &str) -> PathBuf {
+    let dir = sim.dir.path();
+    let uuid_file = dir.join("hypervisor-uuid");
+    std::fs::write(&uuid_file, format!("{VM_UUID}\n")).unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let text = format!(
+        "xenapi_connection_url = \"{url}\"\n\
+         xenapi_connection_password = \"{SIM_PASSWORD}\"\n\
+         xenapi_nfs_server = \"nfs.example\"\n\
+         xenapi_nfs_serverpath = \"/volumes\"\n\
+         xenapi_sr_base_path = \"{export}\"\n\
+         socket = \"{socket}\"\n\
+         state_dir = \"{state}\"\n\
+         hypervisor_uuid_path = \"{uuid}\"\n\
+         device_dir = \"{dev}\"\n{extra}",
+        url = sim.url,
+        export = sim.export.display(),
+        socket = dir.join("xenapinfs.sock").display(),
+        state = dir.join("state").display(),
+        uuid = uuid_file.display(),
+        dev = sim.dev_dir.display(),
+    );
+    let path = dir.join("xenapinfs.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `xenapinfsd`; SIGTERM on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        let text = std::fs::read_to_string(config).unwrap();
+        let socket = text
+            .lines()
+            .find_map(|l| l.strip_prefix("socket = \""))
+            .map(|s| PathBuf::from(s.trim_end_matches('"')))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_xenapinfsd"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "xenapinfsd did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child: Some(child),
+            socket,
+        }
+    }
+
+    /// Runs the real CLI against this daemon; returns (exit ok, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// `xenapinfs status --json`, polled until the agent has decided its mode.
+    pub fn settled_status(&self) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let (ok, out, err) = self.cli(&["status", "--json"]);
+            assert!(ok, "status failed: {err}");
+            let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if status["mode"] != "undecided" {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(15), "mode never decided: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        wait_with_timeout(&mut child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
