@@ -7,7 +7,9 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod jobs;
 pub mod service;
 pub mod sim;
 pub mod vhd;
+pub mod volume;
 pub mod xenapi;

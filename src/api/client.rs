@@ -93,3 +93,55 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 }
+
+impl ApiClient {
+    /// Follows `/v1/jobs/{id}/events` and calls `on_update` for each state of the job until it
+    /// has finished; returns the final state.
+    pub async fn follow_job(
+        &self,
+        id: &str,
+        on_update: &mut dyn FnMut(&crate::jobs::Job),
+    ) -> Result<crate::jobs::Job, ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .uri(format!("/v1/jobs/{id}/events"))
+            .header("host", "xenapinfsd")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(ClientError::Http(format!("following job {id}: HTTP {}", response.status())));
+        }
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        let mut last = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+            let Some(data) = frame.data_ref() else { continue };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let job: crate::jobs::Job =
+                    serde_json::from_slice(&line).map_err(|e| ClientError::Decode(e.to_string()))?;
+                on_update(&job);
+                last = Some(job);
+            }
+        }
+        match last {
+            Some(job) if job.state.is_finished() => Ok(job),
+            _ => Err(ClientError::Http(format!("the daemon stopped reporting on job {id} before it finished"))),
+        }
+    }
+}

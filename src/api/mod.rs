@@ -1,26 +1,55 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket, routes under `/v1`.
 //!
 //! Every error has one shape: `{"error": {"kind": ..., "message": ..., "details": ...}}`.
+//! The endpoints are described in `docs/api.md`.
 
+mod auth;
 pub mod client;
 mod error;
+mod jobs;
 mod status;
+mod volumes;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 
+pub use auth::Peer;
 pub use error::ApiError;
 pub use status::StatusReport;
+pub use volumes::{CopyRequest, CreateRequest, Deleted, ExtendRequest};
 
 use crate::service::Agent;
 
-/// The API's routes over the shared agent.
+/// Requests are small JSON documents; anything bigger is refused before it is read.
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// The API's routes over the shared agent. Serve it with connect info of type [`Peer`].
 pub fn router(agent: Arc<Agent>) -> Router {
+    let volume = "/v1/volumes/{sr}/{vdi}";
     Router::new()
         .route("/v1/health", get(status::health))
         .route("/v1/status", get(status::status))
+        .route("/v1/stats", get(volumes::stats))
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(volume, get(volumes::show).delete(volumes::delete))
+        .route(&format!("{volume}/extend"), post(volumes::extend))
+        .route(&format!("{volume}/connection"), get(volumes::connection))
+        .route(&format!("{volume}/snapshot"), post(volumes::snapshot))
+        .route(&format!("{volume}/clone"), post(volumes::clone))
+        .route(&format!("{volume}/from-snapshot"), post(volumes::from_snapshot))
+        .route(&format!("{volume}/attach"), post(volumes::attach))
+        .route(&format!("{volume}/detach"), post(volumes::detach))
+        .route("/v1/attachments", get(volumes::attachments))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), auth::check_peer))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(agent)
 }

@@ -76,6 +76,6 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Json<StatusReport> {
             sr_base_path: agent.settings.sr_base_path.display().to_string(),
         },
         uptime_seconds: agent.started.elapsed().as_secs(),
-        jobs_running: 0,
+        jobs_running: agent.jobs.running(),
     })
 }

@@ -1,12 +1,17 @@
 //! The `xenapinfs` command line: talks to `xenapinfsd` over its socket.
 
-use std::io::Write;
+mod output;
+
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 
-use crate::api::StatusReport;
 use crate::api::client::{ApiClient, ClientError};
+use crate::api::{CopyRequest, Deleted, StatusReport};
+use crate::jobs::{Job, JobState};
+use crate::volume::{ConnectionInfo, Stats, Volume, VolumeId};
 
 #[derive(Debug, Parser)]
 #[command(name = "xenapinfs", version, about = "Manage volumes on a XenServer NFS share through xenapinfsd")]
@@ -23,51 +28,258 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Version, mode (local/remote and why), XenAPI host and session state.
+    /// Volumes: create, delete, list, copy, extend, attach.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Capacity of the share: total, free, provisioned.
+    Stats,
+    /// Version, mode (local/remote and why), XenAPI host and session state, jobs running.
     Status,
+    /// Long operations.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct Wait {
+    /// Print the job and return at once instead of waiting for it.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume: a new NFS SR with one VDI.
+    Create {
+        /// Size in GiB.
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete a volume and its SR.
+    Delete { id: VolumeId },
+    /// List the volumes on the share.
+    List,
+    /// Show one volume.
+    Show { id: VolumeId },
+    /// Deep-copy a volume into a new SR (a snapshot).
+    Snapshot {
+        id: VolumeId,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Make a new volume from a snapshot, optionally larger.
+    FromSnapshot {
+        snap_id: VolumeId,
+        /// Size in GiB (at least the snapshot's).
+        #[arg(long)]
+        size: Option<u64>,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Copy a live volume into a new volume.
+    Clone {
+        id: VolumeId,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Grow a volume (shrinking is refused).
+    Extend {
+        id: VolumeId,
+        /// New size in GiB.
+        #[arg(long)]
+        size: u64,
+    },
+    /// The xensm connection info Nova attaches with.
+    Connection { id: VolumeId },
+    /// Attach the volume to this VM (local mode) and print the device path.
+    Attach { id: VolumeId },
+    /// Detach the volume from this VM.
+    Detach { id: VolumeId },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Running and recent jobs.
+    List,
+    /// One job.
+    Show { id: String },
+    /// Ask a job to stop.
+    Cancel { id: String },
 }
 
 /// Runs one CLI invocation, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ClientError> {
     let client = ApiClient::new(&cli.socket);
+    let json = cli.json;
     match cli.command {
         Command::Status => {
             let status: StatusReport = client.get("/v1/status").await?;
-            if cli.json {
-                print_json(out, &status);
+            output::emit(out, json, &status, output::status);
+        }
+        Command::Stats => {
+            let stats: Stats = client.get("/v1/stats").await?;
+            output::emit(out, json, &stats, output::stats);
+        }
+        Command::Job(command) => {
+            let job: Option<Job> = match command {
+                JobCommand::List => {
+                    let jobs: Vec<Job> = client.get("/v1/jobs").await?;
+                    output::emit(out, json, &jobs, output::jobs);
+                    None
+                }
+                JobCommand::Show { id } => Some(client.get(&format!("/v1/jobs/{id}")).await?),
+                JobCommand::Cancel { id } => Some(client.request("POST", &format!("/v1/jobs/{id}/cancel"), None).await?),
+            };
+            if let Some(job) = job {
+                output::emit(out, json, &job, output::job);
+            }
+        }
+        Command::Volume(command) => volume(&client, command, json, out).await?,
+    }
+    Ok(())
+}
+
+fn path(id: &VolumeId) -> String {
+    format!("/v1/volumes/{}/{}", id.sr, id.vdi)
+}
+
+async fn volume(client: &ApiClient, command: VolumeCommand, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
+    match command {
+        VolumeCommand::Create { size, name, description } => {
+            let body = json!({"size_gb": size, "name": name.unwrap_or_default(), "description": description.unwrap_or_default()});
+            let volume: Volume = client.request("POST", "/v1/volumes", Some(body)).await?;
+            output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Delete { id } => {
+            let deleted: Deleted = client.request("DELETE", &path(&id), None).await?;
+            output::emit(out, json, &deleted, |out, d| {
+                let _ = writeln!(out, "deleted {}", d.id);
+            });
+        }
+        VolumeCommand::List => {
+            let volumes: Vec<Volume> = client.get("/v1/volumes").await?;
+            output::emit(out, json, &volumes, output::volumes);
+        }
+        VolumeCommand::Show { id } => {
+            let volume: Volume = client.get(&path(&id)).await?;
+            output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Snapshot { id, name, wait } => {
+            copy(client, &id, "snapshot", CopyRequest { name, size_gb: None }, wait, json, out).await?;
+        }
+        VolumeCommand::FromSnapshot { snap_id, size, name, wait } => {
+            copy(client, &snap_id, "from-snapshot", CopyRequest { name, size_gb: size }, wait, json, out).await?;
+        }
+        VolumeCommand::Clone { id, name, wait } => {
+            copy(client, &id, "clone", CopyRequest { name, size_gb: None }, wait, json, out).await?;
+        }
+        VolumeCommand::Extend { id, size } => {
+            let volume: Volume = client
+                .request("POST", &format!("{}/extend", path(&id)), Some(json!({"size_gb": size})))
+                .await?;
+            output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Connection { id } => {
+            let info: ConnectionInfo = client.get(&format!("{}/connection", path(&id))).await?;
+            output::emit(out, true, &info, |_, _| {});
+        }
+        VolumeCommand::Attach { id } => {
+            let info: crate::volume::AttachInfo = client.request("POST", &format!("{}/attach", path(&id)), None).await?;
+            output::emit(out, json, &info, |out, info| {
+                let _ = writeln!(out, "{}", info.device);
+            });
+        }
+        VolumeCommand::Detach { id } => {
+            let _: serde_json::Value = client.request("POST", &format!("{}/detach", path(&id)), None).await?;
+            if json {
+                output::emit(out, true, &json!({"id": id, "detached": true}), |_, _| {});
             } else {
-                print_status(out, &status);
+                let _ = writeln!(out, "detached {id}");
             }
         }
     }
     Ok(())
 }
 
-fn print_json(out: &mut dyn Write, value: &impl serde::Serialize) {
-    let text = serde_json::to_string_pretty(value).expect("API types serialise");
-    let _ = writeln!(out, "{text}");
+/// Starts a copy job and, unless told not to, follows it with a progress bar (on a terminal)
+/// until it ends; Ctrl-C cancels the job.
+async fn copy(
+    client: &ApiClient,
+    id: &VolumeId,
+    action: &str,
+    request: CopyRequest,
+    wait: Wait,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
+    let body = serde_json::to_value(&request).expect("requests serialise");
+    let job: Job = client.request("POST", &format!("{}/{action}", path(id)), Some(body)).await?;
+    if wait.no_wait {
+        output::emit(out, json, &job, output::job);
+        return Ok(());
+    }
+    let finished = follow(client, &job, json).await?;
+    match finished.state {
+        JobState::Succeeded => {
+            let volume: Volume = serde_json::from_value(finished.result.unwrap_or_default())
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            output::emit(out, json, &volume, output::volume);
+            Ok(())
+        }
+        _ => Err(ClientError::Api {
+            status: 0,
+            kind: finished.error.as_ref().map_or("failed".into(), |e| e.kind.clone()),
+            message: format!("job {} {}: {}", finished.id, state_word(finished.state), finished.message),
+        }),
+    }
 }
 
-fn print_status(out: &mut dyn Write, status: &StatusReport) {
-    let rows = [
-        ("version", status.version.clone()),
-        ("mode", format!("{} ({})", status.mode, status.mode_reason)),
-        ("vm", status.vm_uuid.clone().unwrap_or_else(|| "-".into())),
-        ("xenapi", status.xenapi.url.clone()),
-        (
-            "session",
-            format!(
-                "{} ({} logins, {} calls)",
-                status.xenapi.session, status.xenapi.logins, status.xenapi.calls
-            ),
-        ),
-        ("last error", status.xenapi.last_error.clone().unwrap_or_else(|| "-".into())),
-        ("nfs", format!("{}:{}", status.nfs.server, status.nfs.serverpath)),
-        ("sr base path", status.nfs.sr_base_path.clone()),
-        ("jobs running", status.jobs_running.to_string()),
-        ("uptime", format!("{} s", status.uptime_seconds)),
-    ];
-    for (name, value) in rows {
-        let _ = writeln!(out, "{name:<13} {value}");
+fn state_word(state: JobState) -> &'static str {
+    match state {
+        JobState::Running => "is running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "was cancelled",
     }
+}
+
+async fn follow(client: &ApiClient, job: &Job, json: bool) -> Result<Job, ClientError> {
+    let bar = if json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {pos:>3}% {msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(job.kind.clone());
+        bar
+    };
+    let mut on_update = |job: &Job| {
+        bar.set_position(job.progress.round() as u64);
+        bar.set_message(job.message.clone());
+    };
+    let following = client.follow_job(&job.id, &mut on_update);
+    tokio::pin!(following);
+    let finished = tokio::select! {
+        result = &mut following => result,
+        _ = tokio::signal::ctrl_c() => {
+            bar.println("cancelling...");
+            let _: Job = client.request("POST", &format!("/v1/jobs/{}/cancel", job.id), None).await?;
+            following.await
+        }
+    };
+    bar.finish_and_clear();
+    finished
 }

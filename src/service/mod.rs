@@ -13,7 +13,10 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::api::{ApiError, Peer};
 use crate::config::Settings;
+use crate::jobs::JobManager;
+use crate::volume::VolumeManager;
 use crate::xenapi::{ClientSettings, TransportSettings, XenApiClient, XenApiError};
 use mode::ModeReport;
 
@@ -36,7 +39,9 @@ pub enum ServiceError {
 #[derive(Debug)]
 pub struct Agent {
     pub settings: Settings,
-    pub xenapi: XenApiClient,
+    pub xenapi: Arc<XenApiClient>,
+    pub volumes: VolumeManager,
+    pub jobs: JobManager,
     pub started: Instant,
     mode: RwLock<Option<ModeReport>>,
 }
@@ -54,7 +59,10 @@ impl Agent {
                 originator: "xenapinfs".into(),
             },
         })?;
+        let xenapi = Arc::new(xenapi);
         Ok(Agent {
+            volumes: VolumeManager::new(&settings, xenapi.clone()),
+            jobs: JobManager::default(),
             settings,
             xenapi,
             started: Instant::now(),
@@ -65,6 +73,19 @@ impl Agent {
     /// The mode once decided; `None` while the agent has not reached XenAPI yet.
     pub fn mode(&self) -> Option<ModeReport> {
         self.mode.read().expect("lock poisoned").clone()
+    }
+
+    /// Refuses work that needs XenAPI until the agent has reached it.
+    pub fn require_xenapi(&self) -> Result<(), ApiError> {
+        if self.mode().is_some() {
+            return Ok(());
+        }
+        let why = self.xenapi.state().last_error.unwrap_or_else(|| "still connecting".into());
+        Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("the agent has not reached XenAPI yet: {why}"),
+        ))
     }
 
     /// Logs in and decides the mode, retrying with backoff while xapi is unreachable.
@@ -92,6 +113,9 @@ impl Agent {
     }
 }
 
+/// How long running jobs get to cancel and clean up at shutdown.
+const JOB_GRACE: Duration = Duration::from_secs(60);
+
 /// Serves the control API on `listener` until `shutdown` fires, then logs out of XenAPI.
 pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), ServiceError> {
     if matches!(agent.settings.xenapi.trust, crate::xenapi::TlsTrust::Insecure) {
@@ -105,12 +129,16 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: Cancellati
         let shutdown = shutdown.clone();
         tokio::spawn(async move { agent.establish(&shutdown).await })
     };
-    let app = crate::api::router(agent.clone());
+    let app = crate::api::router(agent.clone()).into_make_service_with_connect_info::<Peer>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .map_err(ServiceError::Serve);
     establish.abort();
+    if !agent.jobs.shutdown(JOB_GRACE).await {
+        warn!("jobs still running after {} s; leaving them", JOB_GRACE.as_secs());
+    }
+    agent.volumes.detach_all().await;
     agent.xenapi.logout().await;
     info!("stopped");
     served

@@ -300,3 +300,36 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// SRs, PBDs and VBDs xapi knows about, by uuid, for leftover checks.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct XapiObjects {
+    pub srs: Vec<String>,
+    pub pbds: Vec<String>,
+    pub vbds: Vec<String>,
+    pub vdis: Vec<String>,
+}
+
+impl Sim {
+    pub async fn objects(&self) -> XapiObjects {
+        use xenapinfs::xenapi::{Pbd, Sr, Vbd, Vdi};
+        let client = self.client();
+        let mut objects = XapiObjects {
+            srs: client.get_all_records::<Sr>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
+            pbds: client.get_all_records::<Pbd>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
+            vbds: client.get_all_records::<Vbd>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
+            vdis: client.get_all_records::<Vdi>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
+        };
+        objects.srs.sort();
+        objects.pbds.sort();
+        objects.vbds.sort();
+        objects.vdis.sort();
+        client.logout().await;
+        objects
+    }
+
+    /// SR directories on the export.
+    pub fn sr_dirs(&self) -> Vec<String> {
+        entries(&self.export)
+    }
+}
