@@ -126,7 +126,8 @@ async fn the_daemon_core_runs_in_process_and_stops_on_its_token() {
     let client = xenapinfs::api::client::ApiClient::new(&settings.socket);
     let agent = Arc::new(xenapinfs::service::Agent::new(settings).unwrap());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(xenapinfs::service::run(listener, agent, shutdown.clone()));
+    let notifier = Arc::new(xenapinfs::service::notify::SystemdNotifier::default());
+    let server = tokio::spawn(xenapinfs::service::run(listener, agent, notifier, None, shutdown.clone()));
 
     let health: serde_json::Value = client.get("/v1/health").await.unwrap();
     assert_eq!(health["status"], "ok");

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use xenapinfs::config;
+use xenapinfs::service::notify::SystemdNotifier;
 use xenapinfs::service::{self, Agent, logging};
 
 /// Exit status for a configuration that cannot work; systemd's `RestartPreventExitStatus=`
@@ -65,15 +66,23 @@ fn serve(settings: config::Settings) -> anyhow::Result<()> {
         .thread_name("xenapinfsd")
         .build()
         .context("starting the async runtime")?;
+    let watchdog = sd_notify::watchdog_enabled();
     runtime.block_on(async {
-        let listener = service::bind_socket(&settings.socket)?;
+        let (listener, activated) = match service::activated_socket()? {
+            Some(listener) => (listener, true),
+            None => (service::bind_socket(&settings.socket)?, false),
+        };
         let socket = settings.socket.clone();
         let agent = Arc::new(Agent::new(settings)?);
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        tracing::info!(socket = %socket.display(), "serving the control API");
-        let result = service::run(listener, agent, shutdown).await;
-        let _ = std::fs::remove_file(&socket);
+        tracing::info!(socket = %socket.display(), activated, "serving the control API");
+        let notifier = Arc::new(SystemdNotifier::default());
+        let result = service::run(listener, agent, notifier, watchdog, shutdown).await;
+        // A socket systemd made is systemd's to remove.
+        if !activated {
+            let _ = std::fs::remove_file(&socket);
+        }
         result.map_err(anyhow::Error::from)
     })
 }

@@ -5,7 +5,9 @@
 
 pub mod logging;
 pub mod mode;
+pub mod notify;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,10 @@ use crate::jobs::JobManager;
 use crate::volume::VolumeManager;
 use crate::xenapi::{ClientSettings, TransportSettings, XenApiClient, XenApiError};
 use mode::ModeReport;
+use notify::Notifier;
+
+/// How often the session loop checks that xapi still answers (and keeps the session alive).
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,8 @@ pub struct Agent {
     pub jobs: JobManager,
     pub started: Instant,
     mode: RwLock<Option<ModeReport>>,
+    /// Milliseconds since `started` at which the XenAPI session loop last went round.
+    session_heartbeat: AtomicU64,
 }
 
 impl Agent {
@@ -67,6 +75,7 @@ impl Agent {
             xenapi,
             started: Instant::now(),
             mode: RwLock::new(None),
+            session_heartbeat: AtomicU64::new(0),
         })
     }
 
@@ -88,27 +97,68 @@ impl Agent {
         ))
     }
 
-    /// Logs in and decides the mode, retrying with backoff while xapi is unreachable.
-    async fn establish(&self, shutdown: &CancellationToken) {
+    /// One line for `systemctl status`.
+    pub fn status_line(&self) -> String {
+        let jobs = self.jobs.running();
+        match (self.mode(), self.xenapi.state().last_error) {
+            (_, Some(error)) => format!("XenAPI unreachable: {error}; {jobs} jobs running"),
+            (Some(report), None) => format!("serving; XenAPI connected; {} mode; {jobs} jobs running", report.mode),
+            (None, None) => "connecting to XenAPI".to_string(),
+        }
+    }
+
+    fn beat(&self) {
+        self.session_heartbeat
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the XenAPI session loop last went round.
+    fn session_loop_age(&self) -> Duration {
+        let beat = Duration::from_millis(self.session_heartbeat.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
+    /// Logs in and decides the mode, retrying with backoff while xapi is unreachable; then
+    /// checks the session now and then, so an unreachable host shows in status and the session
+    /// is re-established without a restart. `first_attempt` fires after the first try.
+    async fn session_loop(&self, notifier: &dyn Notifier, first_attempt: tokio::sync::oneshot::Sender<()>, shutdown: &CancellationToken) {
+        let mut first_attempt = Some(first_attempt);
         let mut delay = Duration::from_secs(1);
         loop {
-            let attempt = async {
-                self.xenapi.connect().await?;
-                mode::detect(self.settings.mode, &self.settings.hypervisor_uuid_path, &self.xenapi).await
-            };
-            match attempt.await {
-                Ok(report) => {
-                    info!(mode = %report.mode, reason = %report.reason, "operating mode decided");
-                    *self.mode.write().expect("lock poisoned") = Some(report);
-                    return;
+            self.beat();
+            let wait = if self.mode().is_none() {
+                let attempt = async {
+                    self.xenapi.connect().await?;
+                    mode::detect(self.settings.mode, &self.settings.hypervisor_uuid_path, &self.xenapi).await
+                };
+                match attempt.await {
+                    Ok(report) => {
+                        info!(mode = %report.mode, reason = %report.reason, "operating mode decided");
+                        *self.mode.write().expect("lock poisoned") = Some(report);
+                        delay = Duration::from_secs(1);
+                        KEEPALIVE
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in_s = delay.as_secs(), "XenAPI not usable yet");
+                        let this = delay;
+                        delay = (delay * 2).min(Duration::from_secs(60));
+                        this
+                    }
                 }
-                Err(e) => warn!(error = %e, retry_in_s = delay.as_secs(), "XenAPI not usable yet"),
+            } else {
+                if let Err(e) = self.xenapi.call_on_own_session("session.get_this_host").await {
+                    warn!(error = %e, "XenAPI check failed");
+                }
+                KEEPALIVE
+            };
+            notifier.status(&self.status_line());
+            if let Some(signal) = first_attempt.take() {
+                let _ = signal.send(());
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return,
             }
-            delay = (delay * 2).min(Duration::from_secs(60));
         }
     }
 }
@@ -116,25 +166,46 @@ impl Agent {
 /// How long running jobs get to cancel and clean up at shutdown.
 const JOB_GRACE: Duration = Duration::from_secs(60);
 
-/// Serves the control API on `listener` until `shutdown` fires, then logs out of XenAPI.
-pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), ServiceError> {
+/// Serves the control API on `listener` until `shutdown` fires: READY once serving and the
+/// first XenAPI attempt has been made; watchdog pings while the session loop and the job
+/// table are alive; on shutdown, jobs are cancelled, attachments undone and the session ended.
+pub async fn run(
+    listener: UnixListener,
+    agent: Arc<Agent>,
+    notifier: Arc<dyn Notifier>,
+    watchdog: Option<Duration>,
+    shutdown: CancellationToken,
+) -> Result<(), ServiceError> {
     if matches!(agent.settings.xenapi.trust, crate::xenapi::TlsTrust::Insecure) {
         warn!("xenapi_insecure = true: the XenServer host's certificate is NOT verified");
     }
     if agent.settings.xenapi.url.scheme() == "http" {
         warn!(url = %agent.settings.xenapi.url, "XenAPI over plain HTTP: the password crosses the network unencrypted");
     }
-    let establish = {
-        let agent = agent.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move { agent.establish(&shutdown).await })
+    let (first_attempt, attempted) = tokio::sync::oneshot::channel();
+    let session_loop = {
+        let (agent, notifier, shutdown) = (agent.clone(), notifier.clone(), shutdown.clone());
+        tokio::spawn(async move { agent.session_loop(notifier.as_ref(), first_attempt, &shutdown).await })
     };
     let app = crate::api::router(agent.clone()).into_make_service_with_connect_info::<Peer>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .map_err(ServiceError::Serve);
-    establish.abort();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        _ = attempted => {}
+        _ = shutdown.cancelled() => {}
+    }
+    notifier.ready();
+    let pinger = watchdog.map(|period| {
+        let (agent, notifier, shutdown) = (agent.clone(), notifier.clone(), shutdown.clone());
+        tokio::spawn(async move { ping_watchdog(&agent, notifier.as_ref(), period, &shutdown).await })
+    });
+    let served = server.await.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(ServiceError::Serve);
+    notifier.stopping();
+    notifier.status("stopping: cancelling jobs and detaching volumes");
+    session_loop.abort();
+    if let Some(pinger) = pinger {
+        pinger.abort();
+    }
     if !agent.jobs.shutdown(JOB_GRACE).await {
         warn!("jobs still running after {} s; leaving them", JOB_GRACE.as_secs());
     }
@@ -142,6 +213,43 @@ pub async fn run(listener: UnixListener, agent: Arc<Agent>, shutdown: Cancellati
     agent.xenapi.logout().await;
     info!("stopped");
     served
+}
+
+/// Pings systemd's watchdog at half its period, but only while the parts that must be alive
+/// are: this runtime (the pinger runs on it), the XenAPI session loop, and the job table.
+async fn ping_watchdog(agent: &Agent, notifier: &dyn Notifier, period: Duration, shutdown: &CancellationToken) {
+    let stale_after = KEEPALIVE * 2 + agent.settings.xenapi.request_timeout * 2;
+    let mut ticker = tokio::time::interval(period / 2);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let _jobs_alive = agent.jobs.running();
+        let age = agent.session_loop_age();
+        if age <= stale_after {
+            notifier.watchdog();
+        } else {
+            warn!(seconds = age.as_secs(), "the XenAPI session loop is stuck; no watchdog ping");
+        }
+    }
+}
+
+/// The listening socket systemd passed (socket activation), if any.
+pub fn activated_socket() -> Result<Option<UnixListener>, ServiceError> {
+    use std::os::fd::FromRawFd;
+    let failed = |source| ServiceError::Socket {
+        path: "(socket activation)".into(),
+        source,
+    };
+    let mut fds = sd_notify::listen_fds().map_err(failed)?;
+    let Some(fd) = fds.next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd hands this descriptor to us alone (LISTEN_PID was checked).
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    listener.set_nonblocking(true).map_err(failed)?;
+    UnixListener::from_std(listener).map(Some).map_err(failed)
 }
 
 /// Binds the control socket at its configured path: a stale socket file is replaced, the
