@@ -73,12 +73,12 @@ pub async fn check_peer(
     let uid = peer.uid.map_or(-1, i64::from);
     let pid = peer.pid.unwrap_or(-1);
     let span = info_span!("request", method = %request.method(), path = %request.uri().path(), uid, pid);
-    if !allowed(&peer, &agent.settings.socket_group) {
+    if !allowed(&peer, &agent.settings().socket_group) {
         warn!(parent: &span, "refused a caller that is neither root nor in the socket group");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("uid {uid} may not use xenapinfsd: only root and members of group {:?} may", agent.settings.socket_group),
+            format!("uid {uid} may not use xenapinfsd: only root and members of group {:?} may", agent.settings().socket_group),
         ));
     }
     tracing::debug!(parent: &span, "request");

@@ -54,7 +54,7 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Json<StatusReport> {
         Some(report) => (report.mode.to_string(), report.reason, report.vm_uuid),
         None => (
             "undecided".to_string(),
-            format!("waiting for XenAPI (configured mode: {})", agent.settings.mode),
+            format!("waiting for XenAPI (configured mode: {})", agent.settings().mode),
             None,
         ),
     };
@@ -71,9 +71,9 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Json<StatusReport> {
             last_error: connection.last_error,
         },
         nfs: NfsStatus {
-            server: agent.settings.nfs_server.clone(),
-            serverpath: agent.settings.nfs_serverpath.clone(),
-            sr_base_path: agent.settings.sr_base_path.display().to_string(),
+            server: agent.settings().nfs_server.clone(),
+            serverpath: agent.settings().nfs_serverpath.clone(),
+            sr_base_path: agent.settings().sr_base_path.display().to_string(),
         },
         uptime_seconds: agent.started.elapsed().as_secs(),
         jobs_running: agent.jobs.running(),

@@ -77,7 +77,7 @@ impl fmt::Display for Mode {
 }
 
 /// How to reach xapi.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct XenApiSettings {
     pub url: reqwest::Url,
     pub username: String,

@@ -44,7 +44,8 @@ pub enum ServiceError {
 /// Everything the request handlers and jobs share.
 #[derive(Debug)]
 pub struct Agent {
-    pub settings: Settings,
+    /// Swapped whole on reload; read with [`Agent::settings`].
+    settings: RwLock<Arc<Settings>>,
     pub xenapi: Arc<XenApiClient>,
     pub volumes: VolumeManager,
     pub jobs: JobManager,
@@ -52,31 +53,80 @@ pub struct Agent {
     mode: RwLock<Option<ModeReport>>,
     /// Milliseconds since `started` at which the XenAPI session loop last went round.
     session_heartbeat: AtomicU64,
+    /// Wakes the session loop early (after a reload).
+    wake_session_loop: tokio::sync::Notify,
+}
+
+fn client_settings(settings: &Settings) -> ClientSettings {
+    ClientSettings {
+        url: settings.xenapi.url.clone(),
+        username: settings.xenapi.username.clone(),
+        password: settings.xenapi.password.clone(),
+        transport: TransportSettings {
+            trust: settings.xenapi.trust.clone(),
+            connect_timeout: settings.xenapi.connect_timeout,
+            request_timeout: settings.xenapi.request_timeout,
+            originator: "xenapinfs".into(),
+        },
+    }
 }
 
 impl Agent {
     pub fn new(settings: Settings) -> Result<Self, ServiceError> {
-        let xenapi = XenApiClient::new(ClientSettings {
-            url: settings.xenapi.url.clone(),
-            username: settings.xenapi.username.clone(),
-            password: settings.xenapi.password.clone(),
-            transport: TransportSettings {
-                trust: settings.xenapi.trust.clone(),
-                connect_timeout: settings.xenapi.connect_timeout,
-                request_timeout: settings.xenapi.request_timeout,
-                originator: "xenapinfs".into(),
-            },
-        })?;
-        let xenapi = Arc::new(xenapi);
+        let xenapi = Arc::new(XenApiClient::new(client_settings(&settings))?);
         Ok(Agent {
             volumes: VolumeManager::new(&settings, xenapi.clone()),
             jobs: JobManager::default(),
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             xenapi,
             started: Instant::now(),
             mode: RwLock::new(None),
             session_heartbeat: AtomicU64::new(0),
+            wake_session_loop: tokio::sync::Notify::new(),
         })
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("lock poisoned").clone()
+    }
+
+    /// Applies a new configuration. XenAPI connection settings, `socket_group`, `mode` and
+    /// `hypervisor_uuid_path` take effect at once (the session and the mode are established
+    /// afresh); the keys returned need a restart and keep their old values until then.
+    pub fn reload(&self, new: Settings) -> Result<Vec<&'static str>, ServiceError> {
+        let old = self.settings();
+        let restart_only = [
+            ("xenapi_nfs_server", old.nfs_server != new.nfs_server),
+            ("xenapi_nfs_serverpath", old.nfs_serverpath != new.nfs_serverpath),
+            ("xenapi_sr_base_path", old.sr_base_path != new.sr_base_path),
+            ("socket", old.socket != new.socket),
+            ("state_dir", old.state_dir != new.state_dir),
+            ("device_dir", old.device_dir != new.device_dir),
+            ("qemu_img", old.qemu_img != new.qemu_img),
+        ];
+        let ignored: Vec<&'static str> = restart_only.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect();
+        let xenapi_changed = old.xenapi != new.xenapi;
+        let mode_changed = old.mode != new.mode || old.hypervisor_uuid_path != new.hypervisor_uuid_path;
+        if xenapi_changed {
+            self.xenapi.reconfigure(client_settings(&new))?;
+        }
+        let merged = Settings {
+            nfs_server: old.nfs_server.clone(),
+            nfs_serverpath: old.nfs_serverpath.clone(),
+            sr_base_path: old.sr_base_path.clone(),
+            socket: old.socket.clone(),
+            state_dir: old.state_dir.clone(),
+            device_dir: old.device_dir.clone(),
+            qemu_img: old.qemu_img.clone(),
+            ..new
+        };
+        *self.settings.write().expect("lock poisoned") = Arc::new(merged);
+        if xenapi_changed || mode_changed {
+            *self.mode.write().expect("lock poisoned") = None;
+            self.wake_session_loop.notify_one();
+        }
+        info!(xenapi_changed, mode_changed, ?ignored, "configuration reloaded");
+        Ok(ignored)
     }
 
     /// The mode once decided; `None` while the agent has not reached XenAPI yet.
@@ -129,7 +179,8 @@ impl Agent {
             let wait = if self.mode().is_none() {
                 let attempt = async {
                     self.xenapi.connect().await?;
-                    mode::detect(self.settings.mode, &self.settings.hypervisor_uuid_path, &self.xenapi).await
+                    let settings = self.settings();
+                    mode::detect(settings.mode, &settings.hypervisor_uuid_path, &self.xenapi).await
                 };
                 match attempt.await {
                     Ok(report) => {
@@ -157,6 +208,7 @@ impl Agent {
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.wake_session_loop.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -176,12 +228,7 @@ pub async fn run(
     watchdog: Option<Duration>,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
-    if matches!(agent.settings.xenapi.trust, crate::xenapi::TlsTrust::Insecure) {
-        warn!("xenapi_insecure = true: the XenServer host's certificate is NOT verified");
-    }
-    if agent.settings.xenapi.url.scheme() == "http" {
-        warn!(url = %agent.settings.xenapi.url, "XenAPI over plain HTTP: the password crosses the network unencrypted");
-    }
+    warn_about_transport(&agent.settings());
     let (first_attempt, attempted) = tokio::sync::oneshot::channel();
     let session_loop = {
         let (agent, notifier, shutdown) = (agent.clone(), notifier.clone(), shutdown.clone());
@@ -215,10 +262,20 @@ pub async fn run(
     served
 }
 
+/// Security warnings an operator must see at start and after a reload.
+pub fn warn_about_transport(settings: &Settings) {
+    if matches!(settings.xenapi.trust, crate::xenapi::TlsTrust::Insecure) {
+        warn!("xenapi_insecure = true: the XenServer host's certificate is NOT verified");
+    }
+    if settings.xenapi.url.scheme() == "http" {
+        warn!(url = %settings.xenapi.url, "XenAPI over plain HTTP: the password crosses the network unencrypted");
+    }
+}
+
 /// Pings systemd's watchdog at half its period, but only while the parts that must be alive
 /// are: this runtime (the pinger runs on it), the XenAPI session loop, and the job table.
 async fn ping_watchdog(agent: &Agent, notifier: &dyn Notifier, period: Duration, shutdown: &CancellationToken) {
-    let stale_after = KEEPALIVE * 2 + agent.settings.xenapi.request_timeout * 2;
+    let stale_after = KEEPALIVE * 2 + agent.settings().xenapi.request_timeout * 2;
     let mut ticker = tokio::time::interval(period / 2);
     loop {
         tokio::select! {

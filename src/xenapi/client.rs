@@ -6,7 +6,7 @@
 //!   later call goes there.
 //! - The password is sent only in the login call and never appears in errors or logs.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use reqwest::Url;
 use tracing::{debug, info, warn};
@@ -65,13 +65,36 @@ struct Current {
     last_error: Option<String>,
 }
 
-/// XenAPI client bound to one pool.
+/// How to reach and log in to the pool.
 #[derive(Debug)]
-pub struct XenApiClient {
+struct Link {
     transport: HttpTransport,
     username: String,
     password: Password,
     originator: String,
+}
+
+impl Link {
+    fn new(settings: &ClientSettings) -> Result<Self, XenApiError> {
+        let transport = HttpTransport::new(&settings.transport).map_err(|source| XenApiError::Transport {
+            method: "(setup)".into(),
+            url: settings.url.to_string(),
+            source,
+        })?;
+        Ok(Link {
+            transport,
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+            originator: settings.transport.originator.clone(),
+        })
+    }
+}
+
+/// XenAPI client bound to one pool.
+#[derive(Debug)]
+pub struct XenApiClient {
+    /// Replaced whole by [`XenApiClient::reconfigure`].
+    link: RwLock<Arc<Link>>,
     current: RwLock<Current>,
     /// Serialises logins so that concurrent calls after an expiry make one login, not many.
     login_gate: tokio::sync::Mutex<()>,
@@ -80,17 +103,8 @@ pub struct XenApiClient {
 
 impl XenApiClient {
     pub fn new(settings: ClientSettings) -> Result<Self, XenApiError> {
-        let transport =
-            HttpTransport::new(&settings.transport).map_err(|source| XenApiError::Transport {
-                method: "(setup)".into(),
-                url: settings.url.to_string(),
-                source,
-            })?;
         Ok(XenApiClient {
-            transport,
-            username: settings.username,
-            password: settings.password,
-            originator: settings.transport.originator,
+            link: RwLock::new(Arc::new(Link::new(&settings)?)),
             current: RwLock::new(Current {
                 url: settings.url,
                 session: None,
@@ -100,6 +114,22 @@ impl XenApiClient {
             login_gate: tokio::sync::Mutex::new(()),
             calls: Mutex::new(0),
         })
+    }
+
+    /// Switches to new connection settings (a configuration reload): later calls log in
+    /// afresh with them. The old session is simply dropped; xapi expires it.
+    pub fn reconfigure(&self, settings: ClientSettings) -> Result<(), XenApiError> {
+        let link = Arc::new(Link::new(&settings)?);
+        *self.link.write().expect("lock poisoned") = link;
+        let mut current = self.current.write().expect("lock poisoned");
+        current.url = settings.url;
+        current.session = None;
+        current.last_error = None;
+        Ok(())
+    }
+
+    fn link(&self) -> Arc<Link> {
+        self.link.read().expect("lock poisoned").clone()
     }
 
     /// Logs in now (instead of at the first call), so configuration errors surface at start.
@@ -186,11 +216,12 @@ impl XenApiClient {
 
     async fn login(&self) -> Result<(Url, String), XenApiError> {
         let mut url = self.current.read().expect("lock poisoned").url.clone();
+        let link = self.link();
         let params = [
-            Value::String(self.username.clone()),
-            Value::String(self.password.expose().to_string()),
+            Value::String(link.username.clone()),
+            Value::String(link.password.expose().to_string()),
             Value::String("1.0".into()),
-            Value::String(self.originator.clone()),
+            Value::String(link.originator.clone()),
         ];
         for _ in 0..=MAX_MASTER_REDIRECTS {
             match self.send(&url, "session.login_with_password", &params).await {
@@ -205,7 +236,7 @@ impl XenApiClient {
                     current.url = url.clone();
                     current.session = Some(session.to_string());
                     current.logins += 1;
-                    info!(url = %url, user = %self.username, "logged in to XenAPI");
+                    info!(url = %url, user = %link.username, "logged in to XenAPI");
                     return Ok((url, session.to_string()));
                 }
                 Err(e) if e.is("HOST_IS_SLAVE") => {
@@ -242,9 +273,10 @@ impl XenApiClient {
         *self.calls.lock().expect("lock poisoned") += 1;
         debug!(method, "XenAPI call");
         let body = codec::encode_call(method, params);
-        let response = self
+        let link = self.link();
+        let response = link
             .transport
-            .post(url, &self.originator, body)
+            .post(url, &link.originator, body)
             .await
             .map_err(|source| XenApiError::Transport {
                 method: method.to_string(),
