@@ -300,7 +300,9 @@ async fn stats_report_real_capacity() {
 async fn bad_ids_and_requests_get_clear_errors() {
     let world = World::start().await;
     let error = world.fails(&["volume", "show", "../../etc"]);
-    assert!(error.contains("not of the form"), "{error}");
+    assert!(error.contains("is not a UUID"), "{error}");
+    let error = world.fails(&["volume", "show", "vol-1"]);
+    assert!(error.contains("not of the form <sr_uuid>/<vdi_uuid>"), "{error}");
     let error = world.fails(&["volume", "create", "--size", "0"]);
     assert!(error.contains("size 0 GiB"), "{error}");
     let error = world.fails(&["volume", "delete", "11111111-2222-4333-8444-555555555555/11111111-2222-4333-8444-666666666666"]);
