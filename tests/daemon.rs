@@ -14,8 +14,15 @@ use tokio_util::sync::CancellationToken;
 fn status_shows_local_mode_and_an_established_session() {
     let sim = Sim::plain();
     let mut daemon = Daemon::start(&daemon_config(&sim, ""));
-    let mode = std::fs::metadata(&daemon.socket).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o660, "control socket must be group-accessible only");
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o660,
+        "control socket must be group-accessible only"
+    );
 
     let status = daemon.settled_status();
     assert_eq!(status["mode"], "local", "{status}");
@@ -28,9 +35,18 @@ fn status_shows_local_mode_and_an_established_session() {
     assert!(ok);
     assert!(text.contains("mode          local"), "{text}");
 
-    assert!(daemon.stop().success(), "SIGTERM must end the daemon cleanly");
-    assert!(!daemon.socket.exists(), "the socket file is removed on exit");
-    assert_eq!(sim.logged_methods().last().map(String::as_str), Some("session.logout"));
+    assert!(
+        daemon.stop().success(),
+        "SIGTERM must end the daemon cleanly"
+    );
+    assert!(
+        !daemon.socket.exists(),
+        "the socket file is removed on exit"
+    );
+    assert_eq!(
+        sim.logged_methods().last().map(String::as_str),
+        Some("session.logout")
+    );
 }
 
 #[test]
@@ -41,15 +57,31 @@ fn status_explains_remote_mode() {
     let daemon = Daemon::start(&config);
     let status = daemon.settled_status();
     assert_eq!(status["mode"], "remote");
-    assert!(status["mode_reason"].as_str().unwrap().contains("hypervisor-uuid"), "{status}");
+    assert!(
+        status["mode_reason"]
+            .as_str()
+            .unwrap()
+            .contains("hypervisor-uuid"),
+        "{status}"
+    );
 
     let sim_other = Sim::plain();
     let config = daemon_config(&sim_other, "");
-    std::fs::write(sim_other.dir.path().join("hypervisor-uuid"), "0c0ffee0-0000-4000-8000-000000000000\n").unwrap();
+    std::fs::write(
+        sim_other.dir.path().join("hypervisor-uuid"),
+        "0c0ffee0-0000-4000-8000-000000000000\n",
+    )
+    .unwrap();
     let daemon = Daemon::start(&config);
     let status = daemon.settled_status();
     assert_eq!(status["mode"], "remote");
-    assert!(status["mode_reason"].as_str().unwrap().contains("not known"), "{status}");
+    assert!(
+        status["mode_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not known"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -59,7 +91,9 @@ fn unreachable_xenapi_is_reported_and_retried() {
     let dead = format!("http://{}/", listener.local_addr().unwrap());
     drop(listener);
     let config = daemon_config(&sim, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace(&sim.url, &dead);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&sim.url, &dead);
     std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start(&config);
     std::thread::sleep(Duration::from_millis(300));
@@ -68,17 +102,30 @@ fn unreachable_xenapi_is_reported_and_retried() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["mode"], "undecided");
     assert_eq!(status["xenapi"]["session"], "none");
-    assert!(status["xenapi"]["last_error"].as_str().unwrap().contains("connection"), "{status}");
+    assert!(
+        status["xenapi"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("connection"),
+        "{status}"
+    );
 }
 
 #[test]
 fn bad_configuration_exits_with_a_message_naming_the_key() {
     let sim = Sim::plain();
     let config = daemon_config(&sim, "mode = \"sideways\"\n");
-    let output = Command::new(env!("CARGO_BIN_EXE_xenapinfsd")).arg("--config").arg(&config).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_xenapinfsd"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("mode") && stderr.contains("xenapinfs.toml"), "{stderr}");
+    assert!(
+        stderr.contains("mode") && stderr.contains("xenapinfs.toml"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -101,7 +148,11 @@ fn cinder_conf_options_are_accepted() {
         .args(["--backend", "xen", "--check-config"])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -127,13 +178,28 @@ async fn the_daemon_core_runs_in_process_and_stops_on_its_token() {
     let agent = Arc::new(xenapinfs::service::Agent::new(settings).unwrap());
     let shutdown = CancellationToken::new();
     let notifier = Arc::new(xenapinfs::service::notify::SystemdNotifier::default());
-    let server = tokio::spawn(xenapinfs::service::run(listener, agent, notifier, None, shutdown.clone()));
+    let server = tokio::spawn(xenapinfs::service::run(
+        listener,
+        agent,
+        notifier,
+        None,
+        shutdown.clone(),
+    ));
 
     let health: serde_json::Value = client.get("/v1/health").await.unwrap();
     assert_eq!(health["status"], "ok");
-    let error = client.get::<serde_json::Value>("/v1/nothing").await.unwrap_err();
-    assert!(matches!(error, xenapinfs::api::client::ClientError::Api { status: 404, ref kind, .. } if kind == "not_found"));
+    let error = client
+        .get::<serde_json::Value>("/v1/nothing")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, xenapinfs::api::client::ClientError::Api { status: 404, ref kind, .. } if kind == "not_found")
+    );
 
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

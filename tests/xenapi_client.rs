@@ -32,7 +32,10 @@ fn sr_spec() -> SrSpec<'static> {
 
 async fn new_sr_with_vdi(client: &XenApiClient, size: u64) -> (Ref<Sr>, Ref<Vdi>) {
     let host = client.pool_master().await.unwrap();
-    let sr = client.sr_create(&host, &nfs_config(), &sr_spec()).await.unwrap();
+    let sr = client
+        .sr_create(&host, &nfs_config(), &sr_spec())
+        .await
+        .unwrap();
     let vdi = client
         .vdi_create(&NewVdi {
             sr: &sr,
@@ -75,8 +78,14 @@ async fn logs_in_and_reads_typed_records() {
     assert_eq!(record.virtual_size, GIB + 2 * 1024 * 1024);
     assert_eq!(record.sr, sr);
     let srs = client.get_all_records::<Sr>().await.unwrap();
-    assert!(srs.iter().any(|(r, rec)| *r == sr && rec.sr_type == "nfs" && rec.vdis.contains(&vdi)));
-    let vhd = sim.export.join(client.get_record(&sr).await.unwrap().uuid).join(format!("{}.vhd", record.uuid));
+    assert!(
+        srs.iter()
+            .any(|(r, rec)| *r == sr && rec.sr_type == "nfs" && rec.vdis.contains(&vdi))
+    );
+    let vhd = sim
+        .export
+        .join(client.get_record(&sr).await.unwrap().uuid)
+        .join(format!("{}.vhd", record.uuid));
     assert!(vhd.is_file(), "{} should exist", vhd.display());
 }
 
@@ -92,7 +101,13 @@ async fn logs_in_again_after_the_session_expires() {
     client.pool_master().await.unwrap();
     assert_eq!(client.state().logins, 2);
     let methods = sim.logged_methods();
-    assert_eq!(methods.iter().filter(|m| *m == "session.login_with_password").count(), 2);
+    assert_eq!(
+        methods
+            .iter()
+            .filter(|m| *m == "session.login_with_password")
+            .count(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -104,7 +119,11 @@ async fn follows_host_is_slave_to_the_master() {
     let slave = sim.slave_url.clone().unwrap();
     let client = sim.client_with(&slave, SIM_PASSWORD, TlsTrust::Insecure);
     client.connect().await.unwrap();
-    assert_eq!(client.state().url, sim.url, "calls must go to the master after the redirect");
+    assert_eq!(
+        client.state().url,
+        sim.url,
+        "calls must go to the master after the redirect"
+    );
     client.pool_master().await.unwrap();
 }
 
@@ -140,7 +159,10 @@ async fn api_errors_keep_code_and_parameters() {
     assert!(error.is("HANDLE_INVALID"), "{error}");
     assert_eq!(error.params(), ["VDI", bogus.as_str()]);
 
-    let error = client.get_by_uuid::<Sr>("11111111-2222-4333-8444-555555555555").await.unwrap_err();
+    let error = client
+        .get_by_uuid::<Sr>("11111111-2222-4333-8444-555555555555")
+        .await
+        .unwrap_err();
     assert!(error.is("UUID_INVALID"), "{error}");
     assert_eq!(error.params()[0], "SR");
 
@@ -150,15 +172,29 @@ async fn api_errors_keep_code_and_parameters() {
     let host = client.pool_master().await.unwrap();
     let mut wrong = nfs_config();
     wrong.insert("server".into(), "elsewhere.example".into());
-    let error = client.sr_create(&host, &wrong, &sr_spec()).await.unwrap_err();
-    assert!(error.code().unwrap().starts_with("SR_BACKEND_FAILURE"), "{error}");
+    let error = client
+        .sr_create(&host, &wrong, &sr_spec())
+        .await
+        .unwrap_err();
+    assert!(
+        error.code().unwrap().starts_with("SR_BACKEND_FAILURE"),
+        "{error}"
+    );
 
     sim.control(
         "simulator.inject_fault",
-        &[string("VDI.create"), Value::Int(1), string("SR_BACKEND_FAILURE_78"), Value::Array(vec![string(""), string("VDI Creation failed"), string("")])],
+        &[
+            string("VDI.create"),
+            Value::Int(1),
+            string("SR_BACKEND_FAILURE_78"),
+            Value::Array(vec![string(""), string("VDI Creation failed"), string("")]),
+        ],
     )
     .await;
-    let sr = client.sr_create(&host, &nfs_config(), &sr_spec()).await.unwrap();
+    let sr = client
+        .sr_create(&host, &nfs_config(), &sr_spec())
+        .await
+        .unwrap();
     let error = client
         .vdi_create(&NewVdi {
             sr: &sr,
@@ -186,7 +222,11 @@ async fn async_vdi_copy_reports_progress_and_returns_the_new_vdi() {
     let client = sim.client();
     let (_, vdi) = new_sr_with_vdi(&client, 64 << 20).await;
     let (target, _) = new_sr_with_vdi(&client, 2 << 20).await;
-    sim.control("simulator.set_delay", &[string("VDI.copy"), Value::Int(1500)]).await;
+    sim.control(
+        "simulator.set_delay",
+        &[string("VDI.copy"), Value::Int(1500)],
+    )
+    .await;
 
     let task = client.vdi_copy_async(&vdi, &target).await.unwrap();
     let (seen, mut on_progress) = progress_recorder();
@@ -209,11 +249,23 @@ async fn async_vdi_copy_reports_progress_and_returns_the_new_vdi() {
     assert_eq!(record.virtual_size, 64 << 20);
 
     let seen = seen.lock().unwrap().clone();
-    assert!(seen.len() >= 3, "progress should be reported along the way: {seen:?}");
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress never goes back: {seen:?}");
+    assert!(
+        seen.len() >= 3,
+        "progress should be reported along the way: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress never goes back: {seen:?}"
+    );
     assert_eq!(*seen.last().unwrap(), 1.0);
     // The finished task is destroyed, not left behind in xapi.
-    assert!(client.get_record(&task).await.unwrap_err().is("HANDLE_INVALID"));
+    assert!(
+        client
+            .get_record(&task)
+            .await
+            .unwrap_err()
+            .is("HANDLE_INVALID")
+    );
 }
 
 #[tokio::test]
@@ -222,9 +274,15 @@ async fn cancelling_an_async_copy_leaves_no_copy_behind() {
     let client = sim.client();
     let (_, vdi) = new_sr_with_vdi(&client, 64 << 20).await;
     let (target, _) = new_sr_with_vdi(&client, 2 << 20).await;
-    let target_dir = sim.export.join(client.get_record(&target).await.unwrap().uuid);
+    let target_dir = sim
+        .export
+        .join(client.get_record(&target).await.unwrap().uuid);
     let before = support::entries(&target_dir);
-    sim.control("simulator.set_delay", &[string("VDI.copy"), Value::Int(5000)]).await;
+    sim.control(
+        "simulator.set_delay",
+        &[string("VDI.copy"), Value::Int(5000)],
+    )
+    .await;
 
     let task = client.vdi_copy_async(&vdi, &target).await.unwrap();
     let cancel = CancellationToken::new();
@@ -246,8 +304,15 @@ async fn cancelling_an_async_copy_leaves_no_copy_behind() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(error, XenApiError::TaskCancelled { .. }), "{error}");
-    assert_eq!(support::entries(&target_dir), before, "no partial copy may remain");
+    assert!(
+        matches!(error, XenApiError::TaskCancelled { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        support::entries(&target_dir),
+        before,
+        "no partial copy may remain"
+    );
     let vdis: SrRecord = client.get_record(&target).await.unwrap();
     assert_eq!(vdis.vdis.len(), 1);
 }
@@ -260,7 +325,16 @@ async fn a_failing_task_returns_the_xenapi_error() {
     let (target, _) = new_sr_with_vdi(&client, 2 << 20).await;
     sim.control(
         "simulator.inject_fault",
-        &[string("VDI.copy"), Value::Int(1), string("SR_BACKEND_FAILURE_44"), Value::Array(vec![string(""), string("There is insufficient space"), string("")])],
+        &[
+            string("VDI.copy"),
+            Value::Int(1),
+            string("SR_BACKEND_FAILURE_44"),
+            Value::Array(vec![
+                string(""),
+                string("There is insufficient space"),
+                string(""),
+            ]),
+        ],
     )
     .await;
     let task = client.vdi_copy_async(&vdi, &target).await.unwrap();
@@ -301,30 +375,69 @@ mod tls {
     #[tokio::test]
     async fn wrong_fingerprint_fails_and_says_so() {
         let sim = tls_sim();
-        let client = sim.client_with(&sim.url, SIM_PASSWORD, TlsTrust::Pinned(Fingerprint([7; 32])));
+        let client = sim.client_with(
+            &sim.url,
+            SIM_PASSWORD,
+            TlsTrust::Pinned(Fingerprint([7; 32])),
+        );
         let error = client.connect().await.unwrap_err();
-        assert!(matches!(&error, XenApiError::Transport { source: TransportError::Tls(_), .. }), "{error}");
+        assert!(
+            matches!(
+                &error,
+                XenApiError::Transport {
+                    source: TransportError::Tls(_),
+                    ..
+                }
+            ),
+            "{error}"
+        );
         assert!(error.to_string().contains("fingerprint"), "{error}");
     }
 
     #[tokio::test]
     async fn right_ca_passes_and_system_store_refuses_the_private_ca() {
         let sim = tls_sim();
-        let client = sim.client_with(&sim.url, SIM_PASSWORD, TlsTrust::CaFile(sim.ca_file.clone()));
+        let client = sim.client_with(
+            &sim.url,
+            SIM_PASSWORD,
+            TlsTrust::CaFile(sim.ca_file.clone()),
+        );
         client.connect().await.unwrap();
 
         let client = sim.client_with(&sim.url, SIM_PASSWORD, TlsTrust::System);
         let error = client.connect().await.unwrap_err();
-        assert!(matches!(&error, XenApiError::Transport { source: TransportError::Tls(_), .. }), "{error}");
+        assert!(
+            matches!(
+                &error,
+                XenApiError::Transport {
+                    source: TransportError::Tls(_),
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]
     async fn wrong_ca_fails() {
         let sim = tls_sim();
         let other = tls_sim();
-        let client = sim.client_with(&sim.url, SIM_PASSWORD, TlsTrust::CaFile(other.ca_file.clone()));
+        let client = sim.client_with(
+            &sim.url,
+            SIM_PASSWORD,
+            TlsTrust::CaFile(other.ca_file.clone()),
+        );
         let error = client.connect().await.unwrap_err();
-        assert!(matches!(&error, XenApiError::Transport { source: TransportError::Tls(_), .. }), "{error}");
+        assert!(
+            matches!(
+                &error,
+                XenApiError::Transport {
+                    source: TransportError::Tls(_),
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -47,7 +47,11 @@ fn groups_of(peer: &Peer) -> Vec<u32> {
         && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
         && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
     {
-        groups.extend(line["Groups:".len()..].split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
+        groups.extend(
+            line["Groups:".len()..]
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
     }
     groups
 }
@@ -72,13 +76,17 @@ pub async fn check_peer(
 ) -> Result<Response, ApiError> {
     let uid = peer.uid.map_or(-1, i64::from);
     let pid = peer.pid.unwrap_or(-1);
-    let span = info_span!("request", method = %request.method(), path = %request.uri().path(), uid, pid);
+    let span =
+        info_span!("request", method = %request.method(), path = %request.uri().path(), uid, pid);
     if !allowed(&peer, &agent.settings().socket_group) {
         warn!(parent: &span, "refused a caller that is neither root nor in the socket group");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("uid {uid} may not use xenapinfsd: only root and members of group {:?} may", agent.settings().socket_group),
+            format!(
+                "uid {uid} may not use xenapinfsd: only root and members of group {:?} may",
+                agent.settings().socket_group
+            ),
         ));
     }
     tracing::debug!(parent: &span, "request");

@@ -21,7 +21,11 @@ pub enum ClientError {
     Http(String),
     /// The daemon answered with its JSON error shape.
     #[error("{message}")]
-    Api { status: u16, kind: String, message: String },
+    Api {
+        status: u16,
+        kind: String,
+        message: String,
+    },
     #[error("unexpected answer from xenapinfsd: {0}")]
     Decode(String),
 }
@@ -43,18 +47,20 @@ impl ApiClient {
         self.request("GET", path, None).await
     }
 
-    pub async fn request<T: DeserializeOwned>(
+    /// Sends one request on a fresh connection and returns the response, body unread.
+    async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<serde_json::Value>,
-    ) -> Result<T, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -67,10 +73,19 @@ impl ApiClient {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(payload)))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let response = sender
+        sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let response = self.send(method, path, body).await?;
         let status = response.status();
         let bytes = response
             .into_body()
@@ -102,46 +117,37 @@ impl ApiClient {
         id: &str,
         on_update: &mut dyn FnMut(&crate::jobs::Job),
     ) -> Result<crate::jobs::Job, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        tokio::spawn(connection);
-        let request = hyper::Request::builder()
-            .uri(format!("/v1/jobs/{id}/events"))
-            .header("host", "xenapinfsd")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = self
+            .send("GET", &format!("/v1/jobs/{id}/events"), None)
+            .await?;
         if !response.status().is_success() {
-            return Err(ClientError::Http(format!("following job {id}: HTTP {}", response.status())));
+            return Err(ClientError::Http(format!(
+                "following job {id}: HTTP {}",
+                response.status()
+            )));
         }
         let mut body = response.into_body();
         let mut pending = Vec::new();
         let mut last = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             pending.extend_from_slice(data);
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
-                let job: crate::jobs::Job =
-                    serde_json::from_slice(&line).map_err(|e| ClientError::Decode(e.to_string()))?;
+                let job: crate::jobs::Job = serde_json::from_slice(&line)
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
                 on_update(&job);
                 last = Some(job);
             }
         }
         match last {
             Some(job) if job.state.is_finished() => Ok(job),
-            _ => Err(ClientError::Http(format!("the daemon stopped reporting on job {id} before it finished"))),
+            _ => Err(ClientError::Http(format!(
+                "the daemon stopped reporting on job {id} before it finished"
+            ))),
         }
     }
 }

@@ -35,7 +35,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"kind": self.kind, "message": self.message, "details": self.details}});
+        let body =
+            json!({"error": {"kind": self.kind, "message": self.message, "details": self.details}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -71,7 +72,11 @@ impl From<JsonRejection> for ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(status, "invalid_request", format!("request body: {}", rejection.body_text()))
+        ApiError::new(
+            status,
+            "invalid_request",
+            format!("request body: {}", rejection.body_text()),
+        )
     }
 }
 
@@ -82,9 +87,17 @@ impl From<PathRejection> for ApiError {
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {}", uri.path()),
+    )
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }

@@ -13,34 +13,53 @@ use crate::jobs::Job;
 use crate::service::Agent;
 
 fn unknown(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("job {id} does not exist"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("job {id} does not exist"),
+    )
 }
 
 pub async fn list(State(agent): State<Arc<Agent>>) -> Json<Vec<Job>> {
     Json(agent.jobs.list())
 }
 
-pub async fn show(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+pub async fn show(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
     agent.jobs.get(&id).map(Json).ok_or_else(|| unknown(&id))
 }
 
-pub async fn cancel(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+pub async fn cancel(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
     agent.jobs.cancel(&id).map(Json).ok_or_else(|| unknown(&id))
 }
 
 /// The job as newline-delimited JSON, one line per change, until it has finished.
-pub async fn events(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn events(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let updates = agent.jobs.subscribe(&id).ok_or_else(|| unknown(&id))?;
     // State: the receiver, whether a line was sent already, whether the job had finished.
-    let stream = futures_util::stream::unfold((updates, false, false), |(mut updates, sent, done)| async move {
-        if done || (sent && updates.changed().await.is_err()) {
-            return None;
-        }
-        let job = updates.borrow_and_update().clone();
-        let mut line = serde_json::to_vec(&job).expect("jobs serialise");
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), (updates, true, job.state.is_finished())))
-    });
+    let stream = futures_util::stream::unfold(
+        (updates, false, false),
+        |(mut updates, sent, done)| async move {
+            if done || (sent && updates.changed().await.is_err()) {
+                return None;
+            }
+            let job = updates.borrow_and_update().clone();
+            let mut line = serde_json::to_vec(&job).expect("jobs serialise");
+            line.push(b'\n');
+            Some((
+                Ok::<_, std::convert::Infallible>(line),
+                (updates, true, job.state.is_finished()),
+            ))
+        },
+    );
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))

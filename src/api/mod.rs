@@ -39,7 +39,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(&format!("{volume}/connection"), get(volumes::connection))
         .route(&format!("{volume}/snapshot"), post(volumes::snapshot))
         .route(&format!("{volume}/clone"), post(volumes::clone))
-        .route(&format!("{volume}/from-snapshot"), post(volumes::from_snapshot))
+        .route(
+            &format!("{volume}/from-snapshot"),
+            post(volumes::from_snapshot),
+        )
         .route(&format!("{volume}/attach"), post(volumes::attach))
         .route(&format!("{volume}/detach"), post(volumes::detach))
         .route("/v1/attachments", get(volumes::attachments))
@@ -49,7 +52,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), auth::check_peer))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            auth::check_peer,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(agent)
 }

@@ -15,7 +15,9 @@ pub struct Health {
 
 /// Cheap liveness answer for scripts.
 pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// What `xenapinfs status` shows.
@@ -54,7 +56,10 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Json<StatusReport> {
         Some(report) => (report.mode.to_string(), report.reason, report.vm_uuid),
         None => (
             "undecided".to_string(),
-            format!("waiting for XenAPI (configured mode: {})", agent.settings().mode),
+            format!(
+                "waiting for XenAPI (configured mode: {})",
+                agent.settings().mode
+            ),
             None,
         ),
     };
@@ -65,7 +70,12 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Json<StatusReport> {
         vm_uuid,
         xenapi: XenApiStatus {
             url: connection.url,
-            session: if connection.logged_in { "established" } else { "none" }.to_string(),
+            session: if connection.logged_in {
+                "established"
+            } else {
+                "none"
+            }
+            .to_string(),
             logins: connection.logins,
             calls: agent.xenapi.calls_sent(),
             last_error: connection.last_error,

@@ -26,7 +26,10 @@ fn optional<T: Default>(body: Body<T>) -> Result<T, ApiError> {
     match body {
         Ok(Json(value)) => Ok(value),
         Err(JsonRejection::MissingJsonContentType(_)) => Ok(T::default()),
-        Err(JsonRejection::JsonSyntaxError(e)) if e.body_text().contains("EOF while parsing a value at line 1 column 0") => {
+        Err(JsonRejection::JsonSyntaxError(e))
+            if e.body_text()
+                .contains("EOF while parsing a value at line 1 column 0") =>
+        {
             Ok(T::default())
         }
         Err(rejection) => Err(rejection.into()),
@@ -68,10 +71,16 @@ pub async fn list(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<Volume>>, 
     Ok(Json(agent.volumes.list()?))
 }
 
-pub async fn create(State(agent): State<Arc<Agent>>, body: Body<CreateRequest>) -> Result<(StatusCode, Json<Volume>), ApiError> {
+pub async fn create(
+    State(agent): State<Arc<Agent>>,
+    body: Body<CreateRequest>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let Json(request) = body?;
     agent.require_xenapi()?;
-    let volume = agent.volumes.create(request.size_gb, &request.name, &request.description).await?;
+    let volume = agent
+        .volumes
+        .create(request.size_gb, &request.name, &request.description)
+        .await?;
     Ok((StatusCode::CREATED, Json(volume)))
 }
 
@@ -86,52 +95,94 @@ pub async fn delete(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<Dele
     Ok(Json(Deleted { id, deleted: true }))
 }
 
-pub async fn extend(State(agent): State<Arc<Agent>>, id: Id, body: Body<ExtendRequest>) -> Result<Json<Volume>, ApiError> {
+pub async fn extend(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+    body: Body<ExtendRequest>,
+) -> Result<Json<Volume>, ApiError> {
     let id = volume_id(id)?;
     let Json(request) = body?;
     agent.require_xenapi()?;
     Ok(Json(agent.volumes.extend(id, request.size_gb).await?))
 }
 
-pub async fn connection(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<ConnectionInfo>, ApiError> {
+pub async fn connection(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+) -> Result<Json<ConnectionInfo>, ApiError> {
     Ok(Json(agent.volumes.connection(volume_id(id)?)?))
 }
 
-async fn start_copy(agent: Arc<Agent>, kind: CopyKind, id: Id, body: Body<CopyRequest>) -> Result<(StatusCode, Json<Job>), ApiError> {
+async fn start_copy(
+    agent: Arc<Agent>,
+    kind: CopyKind,
+    id: Id,
+    body: Body<CopyRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     let source = volume_id(id)?;
     let request = optional(body)?;
     if kind != CopyKind::FromSnapshot && request.size_gb.is_some() {
-        return Err(ApiError::invalid(format!("size_gb is only accepted by from-snapshot, not {}", kind.job_name())));
+        return Err(ApiError::invalid(format!(
+            "size_gb is only accepted by from-snapshot, not {}",
+            kind.job_name()
+        )));
     }
     agent.require_xenapi()?;
-    agent.volumes.check_copy(source, request.size_gb, request.name.as_deref())?;
+    agent
+        .volumes
+        .check_copy(source, request.size_gb, request.name.as_deref())?;
     let worker = agent.clone();
-    let job = agent.jobs.start(kind.job_name(), Some(source.to_string()), move |ctx| async move {
-        let volume = worker.volumes.copy(kind, source, request.size_gb, request.name, &ctx).await?;
-        Ok(serde_json::to_value(volume).expect("volumes serialise"))
-    });
+    let job = agent.jobs.start(
+        kind.job_name(),
+        Some(source.to_string()),
+        move |ctx| async move {
+            let volume = worker
+                .volumes
+                .copy(kind, source, request.size_gb, request.name, &ctx)
+                .await?;
+            Ok(serde_json::to_value(volume).expect("volumes serialise"))
+        },
+    );
     Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
-pub async fn snapshot(State(agent): State<Arc<Agent>>, id: Id, body: Body<CopyRequest>) -> Result<(StatusCode, Json<Job>), ApiError> {
+pub async fn snapshot(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+    body: Body<CopyRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     start_copy(agent, CopyKind::Snapshot, id, body).await
 }
 
-pub async fn clone(State(agent): State<Arc<Agent>>, id: Id, body: Body<CopyRequest>) -> Result<(StatusCode, Json<Job>), ApiError> {
+pub async fn clone(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+    body: Body<CopyRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     start_copy(agent, CopyKind::Clone, id, body).await
 }
 
-pub async fn from_snapshot(State(agent): State<Arc<Agent>>, id: Id, body: Body<CopyRequest>) -> Result<(StatusCode, Json<Job>), ApiError> {
+pub async fn from_snapshot(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+    body: Body<CopyRequest>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     start_copy(agent, CopyKind::FromSnapshot, id, body).await
 }
 
-pub async fn attach(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<crate::volume::AttachInfo>, ApiError> {
+pub async fn attach(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+) -> Result<Json<crate::volume::AttachInfo>, ApiError> {
     let id = volume_id(id)?;
     agent.require_xenapi()?;
     Ok(Json(agent.volumes.attach(id, agent.mode().as_ref()).await?))
 }
 
-pub async fn detach(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn detach(
+    State(agent): State<Arc<Agent>>,
+    id: Id,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let id = volume_id(id)?;
     agent.volumes.detach(id).await?;
     Ok(Json(serde_json::json!({"id": id, "detached": true})))

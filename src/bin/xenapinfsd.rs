@@ -5,9 +5,9 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use tokio_util::sync::CancellationToken;
 use xenapinfs::config;
-use signal_hook::consts::{SIGINT, SIGTERM};
 use xenapinfs::service::notify::{Notifier, SystemdNotifier};
 use xenapinfs::service::{self, Agent, logging};
 
@@ -74,7 +74,8 @@ fn serve(args: Args, settings: config::Settings) -> anyhow::Result<()> {
     for signal in [SIGTERM, SIGINT] {
         signal_hook::flag::register_conditional_shutdown(signal, 1, terminating.clone())
             .context("installing signal handlers")?;
-        signal_hook::flag::register(signal, terminating.clone()).context("installing signal handlers")?;
+        signal_hook::flag::register(signal, terminating.clone())
+            .context("installing signal handlers")?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,7 +92,12 @@ fn serve(args: Args, settings: config::Settings) -> anyhow::Result<()> {
         let agent = Arc::new(Agent::new(settings)?);
         let notifier: Arc<dyn Notifier> = Arc::new(SystemdNotifier::default());
         let shutdown = CancellationToken::new();
-        tokio::spawn(handle_signals(args, agent.clone(), notifier.clone(), shutdown.clone()));
+        tokio::spawn(handle_signals(
+            args,
+            agent.clone(),
+            notifier.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(socket = %socket.display(), activated, "serving the control API");
         let result = service::run(listener, agent, notifier, watchdog, shutdown).await;
         // A socket systemd made is systemd's to remove.
@@ -104,7 +110,12 @@ fn serve(args: Args, settings: config::Settings) -> anyhow::Result<()> {
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads the configuration, keeping the old one if
 /// the new one is not valid.
-async fn handle_signals(args: Args, agent: Arc<Agent>, notifier: Arc<dyn Notifier>, shutdown: CancellationToken) {
+async fn handle_signals(
+    args: Args,
+    agent: Arc<Agent>,
+    notifier: Arc<dyn Notifier>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),

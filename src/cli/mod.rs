@@ -14,10 +14,19 @@ use crate::jobs::{Job, JobState};
 use crate::volume::{ConnectionInfo, Stats, Volume, VolumeId};
 
 #[derive(Debug, Parser)]
-#[command(name = "xenapinfs", version, about = "Manage volumes on a XenServer NFS share through xenapinfsd")]
+#[command(
+    name = "xenapinfs",
+    version,
+    about = "Manage volumes on a XenServer NFS share through xenapinfsd"
+)]
 pub struct Cli {
     /// The daemon's control socket.
-    #[arg(long, global = true, env = "XENAPINFS_SOCKET", default_value = "/run/xenapinfs/xenapinfs.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "XENAPINFS_SOCKET",
+        default_value = "/run/xenapinfs/xenapinfs.sock"
+    )]
     pub socket: PathBuf,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
@@ -138,7 +147,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ClientError> {
                     None
                 }
                 JobCommand::Show { id } => Some(client.get(&format!("/v1/jobs/{id}")).await?),
-                JobCommand::Cancel { id } => Some(client.request("POST", &format!("/v1/jobs/{id}/cancel"), None).await?),
+                JobCommand::Cancel { id } => Some(
+                    client
+                        .request("POST", &format!("/v1/jobs/{id}/cancel"), None)
+                        .await?,
+                ),
             };
             if let Some(job) = job {
                 output::emit(out, json, &job, output::job);
@@ -153,9 +166,18 @@ fn path(id: &VolumeId) -> String {
     format!("/v1/volumes/{}/{}", id.sr, id.vdi)
 }
 
-async fn volume(client: &ApiClient, command: VolumeCommand, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
+async fn volume(
+    client: &ApiClient,
+    command: VolumeCommand,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
     match command {
-        VolumeCommand::Create { size, name, description } => {
+        VolumeCommand::Create {
+            size,
+            name,
+            description,
+        } => {
             let body = json!({"size_gb": size, "name": name.unwrap_or_default(), "description": description.unwrap_or_default()});
             let volume: Volume = client.request("POST", "/v1/volumes", Some(body)).await?;
             output::emit(out, json, &volume, output::volume);
@@ -175,17 +197,62 @@ async fn volume(client: &ApiClient, command: VolumeCommand, json: bool, out: &mu
             output::emit(out, json, &volume, output::volume);
         }
         VolumeCommand::Snapshot { id, name, wait } => {
-            copy(client, &id, "snapshot", CopyRequest { name, size_gb: None }, wait, json, out).await?;
+            copy(
+                client,
+                &id,
+                "snapshot",
+                CopyRequest {
+                    name,
+                    size_gb: None,
+                },
+                wait,
+                json,
+                out,
+            )
+            .await?;
         }
-        VolumeCommand::FromSnapshot { snap_id, size, name, wait } => {
-            copy(client, &snap_id, "from-snapshot", CopyRequest { name, size_gb: size }, wait, json, out).await?;
+        VolumeCommand::FromSnapshot {
+            snap_id,
+            size,
+            name,
+            wait,
+        } => {
+            copy(
+                client,
+                &snap_id,
+                "from-snapshot",
+                CopyRequest {
+                    name,
+                    size_gb: size,
+                },
+                wait,
+                json,
+                out,
+            )
+            .await?;
         }
         VolumeCommand::Clone { id, name, wait } => {
-            copy(client, &id, "clone", CopyRequest { name, size_gb: None }, wait, json, out).await?;
+            copy(
+                client,
+                &id,
+                "clone",
+                CopyRequest {
+                    name,
+                    size_gb: None,
+                },
+                wait,
+                json,
+                out,
+            )
+            .await?;
         }
         VolumeCommand::Extend { id, size } => {
             let volume: Volume = client
-                .request("POST", &format!("{}/extend", path(&id)), Some(json!({"size_gb": size})))
+                .request(
+                    "POST",
+                    &format!("{}/extend", path(&id)),
+                    Some(json!({"size_gb": size})),
+                )
                 .await?;
             output::emit(out, json, &volume, output::volume);
         }
@@ -194,13 +261,17 @@ async fn volume(client: &ApiClient, command: VolumeCommand, json: bool, out: &mu
             output::emit(out, true, &info, |_, _| {});
         }
         VolumeCommand::Attach { id } => {
-            let info: crate::volume::AttachInfo = client.request("POST", &format!("{}/attach", path(&id)), None).await?;
+            let info: crate::volume::AttachInfo = client
+                .request("POST", &format!("{}/attach", path(&id)), None)
+                .await?;
             output::emit(out, json, &info, |out, info| {
                 let _ = writeln!(out, "{}", info.device);
             });
         }
         VolumeCommand::Detach { id } => {
-            let _: serde_json::Value = client.request("POST", &format!("{}/detach", path(&id)), None).await?;
+            let _: serde_json::Value = client
+                .request("POST", &format!("{}/detach", path(&id)), None)
+                .await?;
             if json {
                 output::emit(out, true, &json!({"id": id, "detached": true}), |_, _| {});
             } else {
@@ -223,7 +294,9 @@ async fn copy(
     out: &mut dyn Write,
 ) -> Result<(), ClientError> {
     let body = serde_json::to_value(&request).expect("requests serialise");
-    let job: Job = client.request("POST", &format!("{}/{action}", path(id)), Some(body)).await?;
+    let job: Job = client
+        .request("POST", &format!("{}/{action}", path(id)), Some(body))
+        .await?;
     if wait.no_wait {
         output::emit(out, json, &job, output::job);
         return Ok(());
@@ -238,8 +311,16 @@ async fn copy(
         }
         _ => Err(ClientError::Api {
             status: 0,
-            kind: finished.error.as_ref().map_or("failed".into(), |e| e.kind.clone()),
-            message: format!("job {} {}: {}", finished.id, state_word(finished.state), finished.message),
+            kind: finished
+                .error
+                .as_ref()
+                .map_or("failed".into(), |e| e.kind.clone()),
+            message: format!(
+                "job {} {}: {}",
+                finished.id,
+                state_word(finished.state),
+                finished.message
+            ),
         }),
     }
 }
@@ -259,9 +340,11 @@ async fn follow(client: &ApiClient, job: &Job, json: bool) -> Result<Job, Client
     } else {
         let bar = indicatif::ProgressBar::new(100);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {pos:>3}% {msg}")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix} [{bar:40}] {pos:>3}% {msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(job.kind.clone());
         bar

@@ -9,7 +9,12 @@ use crate::jobs::Job;
 use crate::volume::{Stats, Volume};
 
 /// Writes `value` as pretty JSON, or through `human` for people.
-pub fn emit<T: Serialize>(out: &mut dyn Write, json: bool, value: &T, human: impl Fn(&mut dyn Write, &T)) {
+pub fn emit<T: Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    value: &T,
+    human: impl Fn(&mut dyn Write, &T),
+) {
     if json {
         let text = serde_json::to_string_pretty(value).expect("API types serialise");
         let _ = writeln!(out, "{text}");
@@ -45,10 +50,23 @@ pub fn status(out: &mut dyn Write, status: &StatusReport) {
             ("xenapi", status.xenapi.url.clone()),
             (
                 "session",
-                format!("{} ({} logins, {} calls)", status.xenapi.session, status.xenapi.logins, status.xenapi.calls),
+                format!(
+                    "{} ({} logins, {} calls)",
+                    status.xenapi.session, status.xenapi.logins, status.xenapi.calls
+                ),
             ),
-            ("last error", status.xenapi.last_error.clone().unwrap_or_else(|| "-".into())),
-            ("nfs", format!("{}:{}", status.nfs.server, status.nfs.serverpath)),
+            (
+                "last error",
+                status
+                    .xenapi
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "nfs",
+                format!("{}:{}", status.nfs.server, status.nfs.serverpath),
+            ),
             ("sr base path", status.nfs.sr_base_path.clone()),
             ("jobs running", status.jobs_running.to_string()),
             ("uptime", format!("{} s", status.uptime_seconds)),
@@ -62,8 +80,14 @@ pub fn stats(out: &mut dyn Write, stats: &Stats) {
         &[
             ("total", format!("{:.2} GiB", stats.total_capacity_gb)),
             ("free", format!("{:.2} GiB", stats.free_capacity_gb)),
-            ("provisioned", format!("{:.2} GiB", stats.provisioned_capacity_gb)),
-            ("allocated", format!("{:.2} GiB", stats.allocated_capacity_gb)),
+            (
+                "provisioned",
+                format!("{:.2} GiB", stats.provisioned_capacity_gb),
+            ),
+            (
+                "allocated",
+                format!("{:.2} GiB", stats.allocated_capacity_gb),
+            ),
             ("volumes", stats.volumes.to_string()),
         ],
     );
@@ -88,13 +112,23 @@ pub fn volume(out: &mut dyn Write, volume: &Volume) {
 }
 
 pub fn volumes(out: &mut dyn Write, volumes: &Vec<Volume>) {
-    let _ = writeln!(out, "{:<73}  {:>10}  {:>10}  NAME", "ID", "SIZE", "ALLOCATED");
+    let _ = writeln!(
+        out,
+        "{:<73}  {:>10}  {:>10}  NAME",
+        "ID", "SIZE", "ALLOCATED"
+    );
     for v in volumes {
         let name = match &v.problem {
             Some(problem) => format!("{} (problem: {problem})", v.name),
             None => v.name.clone(),
         };
-        let _ = writeln!(out, "{:<73}  {:>10}  {:>10}  {name}", v.id.to_string(), size(v.size_bytes), size(v.allocated_bytes));
+        let _ = writeln!(
+            out,
+            "{:<73}  {:>10}  {:>10}  {name}",
+            v.id.to_string(),
+            size(v.size_bytes),
+            size(v.allocated_bytes)
+        );
     }
 }
 
@@ -113,9 +147,17 @@ pub fn job(out: &mut dyn Write, job: &Job) {
 }
 
 pub fn jobs(out: &mut dyn Write, jobs: &Vec<Job>) {
-    let _ = writeln!(out, "{:<36}  {:<13}  {:<10}  {:>5}  MESSAGE", "ID", "KIND", "STATE", "DONE");
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<13}  {:<10}  {:>5}  MESSAGE",
+        "ID", "KIND", "STATE", "DONE"
+    );
     for job in jobs {
         let state = format!("{:?}", job.state).to_lowercase();
-        let _ = writeln!(out, "{:<36}  {:<13}  {state:<10}  {:>4.0}%  {}", job.id, job.kind, job.progress, job.message);
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<13}  {state:<10}  {:>4.0}%  {}",
+            job.id, job.kind, job.progress, job.message
+        );
     }
 }

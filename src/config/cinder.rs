@@ -33,7 +33,12 @@ pub fn parse(text: &str, section: &str) -> Result<RawConfig, String> {
         match current.as_deref() {
             Some(name) if name == section => from_section.set_cinder_option(key, value),
             Some("DEFAULT") => from_default.set_cinder_option(key, value),
-            None => return Err(format!("line {}: option {key} outside any section", index + 1)),
+            None => {
+                return Err(format!(
+                    "line {}: option {key} outside any section",
+                    index + 1
+                ));
+            }
             Some(_) => {}
         }
     }
@@ -41,16 +46,24 @@ pub fn parse(text: &str, section: &str) -> Result<RawConfig, String> {
         return Err(format!("no section [{section}]"));
     }
     Ok(RawConfig {
-        xenapi_connection_url: from_section.xenapi_connection_url.or(from_default.xenapi_connection_url),
+        xenapi_connection_url: from_section
+            .xenapi_connection_url
+            .or(from_default.xenapi_connection_url),
         xenapi_connection_username: from_section
             .xenapi_connection_username
             .or(from_default.xenapi_connection_username),
         xenapi_connection_password: from_section
             .xenapi_connection_password
             .or(from_default.xenapi_connection_password),
-        xenapi_nfs_server: from_section.xenapi_nfs_server.or(from_default.xenapi_nfs_server),
-        xenapi_nfs_serverpath: from_section.xenapi_nfs_serverpath.or(from_default.xenapi_nfs_serverpath),
-        xenapi_sr_base_path: from_section.xenapi_sr_base_path.or(from_default.xenapi_sr_base_path),
+        xenapi_nfs_server: from_section
+            .xenapi_nfs_server
+            .or(from_default.xenapi_nfs_server),
+        xenapi_nfs_serverpath: from_section
+            .xenapi_nfs_serverpath
+            .or(from_default.xenapi_nfs_serverpath),
+        xenapi_sr_base_path: from_section
+            .xenapi_sr_base_path
+            .or(from_default.xenapi_sr_base_path),
         ..RawConfig::default()
     })
 }

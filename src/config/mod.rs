@@ -118,7 +118,11 @@ pub fn load(path: &Path, credentials_dir: Option<&Path>) -> Result<Settings, Con
 
 /// Reads the old driver's six options from `section` of a cinder.conf; every other setting
 /// takes its default.
-pub fn load_cinder(path: &Path, section: &str, credentials_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+pub fn load_cinder(
+    path: &Path,
+    section: &str,
+    credentials_dir: Option<&Path>,
+) -> Result<Settings, ConfigError> {
     let text = read(path)?;
     let raw = cinder::parse(&text, section).map_err(|message| ConfigError::Syntax {
         path: path.to_path_buf(),
@@ -135,7 +139,11 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Turns raw values into settings, applying defaults and checking each key.
-pub fn validate(raw: RawConfig, path: &Path, credentials_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+pub fn validate(
+    raw: RawConfig,
+    path: &Path,
+    credentials_dir: Option<&Path>,
+) -> Result<Settings, ConfigError> {
     let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
         path: path.to_path_buf(),
         key,
@@ -146,9 +154,16 @@ pub fn validate(raw: RawConfig, path: &Path, credentials_dir: Option<&Path>) -> 
         key,
     };
 
-    let url_text = raw.xenapi_connection_url.clone().ok_or_else(|| missing("xenapi_connection_url"))?;
-    let url = reqwest::Url::parse(&url_text)
-        .map_err(|e| invalid("xenapi_connection_url", format!("{url_text:?} is not a URL: {e}")))?;
+    let url_text = raw
+        .xenapi_connection_url
+        .clone()
+        .ok_or_else(|| missing("xenapi_connection_url"))?;
+    let url = reqwest::Url::parse(&url_text).map_err(|e| {
+        invalid(
+            "xenapi_connection_url",
+            format!("{url_text:?} is not a URL: {e}"),
+        )
+    })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(invalid(
             "xenapi_connection_url",
@@ -159,21 +174,37 @@ pub fn validate(raw: RawConfig, path: &Path, credentials_dir: Option<&Path>) -> 
     let password = password(&raw, credentials_dir, path)?;
     let trust = trust(&raw, path)?;
 
-    let nfs_server = raw.xenapi_nfs_server.ok_or_else(|| missing("xenapi_nfs_server"))?;
+    let nfs_server = raw
+        .xenapi_nfs_server
+        .ok_or_else(|| missing("xenapi_nfs_server"))?;
     if nfs_server.trim().is_empty() || nfs_server.contains(['/', ' ']) {
-        return Err(invalid("xenapi_nfs_server", format!("{nfs_server:?} is not a host name or address")));
+        return Err(invalid(
+            "xenapi_nfs_server",
+            format!("{nfs_server:?} is not a host name or address"),
+        ));
     }
-    let nfs_serverpath = raw.xenapi_nfs_serverpath.ok_or_else(|| missing("xenapi_nfs_serverpath"))?;
+    let nfs_serverpath = raw
+        .xenapi_nfs_serverpath
+        .ok_or_else(|| missing("xenapi_nfs_serverpath"))?;
     if !nfs_serverpath.starts_with('/') {
-        return Err(invalid("xenapi_nfs_serverpath", format!("{nfs_serverpath:?} must be an absolute export path")));
+        return Err(invalid(
+            "xenapi_nfs_serverpath",
+            format!("{nfs_serverpath:?} must be an absolute export path"),
+        ));
     }
 
-    let absolute = |key: &'static str, value: Option<PathBuf>, default: &str| -> Result<PathBuf, ConfigError> {
+    let absolute = |key: &'static str,
+                    value: Option<PathBuf>,
+                    default: &str|
+     -> Result<PathBuf, ConfigError> {
         let value = value.unwrap_or_else(|| PathBuf::from(default));
         if value.is_absolute() {
             Ok(value)
         } else {
-            Err(invalid(key, format!("{} must be an absolute path", value.display())))
+            Err(invalid(
+                key,
+                format!("{} must be an absolute path", value.display()),
+            ))
         }
     };
 
@@ -181,21 +212,29 @@ pub fn validate(raw: RawConfig, path: &Path, credentials_dir: Option<&Path>) -> 
         "auto" => Mode::Auto,
         "local" => Mode::Local,
         "remote" => Mode::Remote,
-        other => return Err(invalid("mode", format!("{other:?} is not one of auto, local, remote"))),
-    };
-
-    let seconds = |key: &'static str, value: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
-        match value.unwrap_or(default) {
-            0 => Err(invalid(key, "must be at least 1 second".into())),
-            n => Ok(Duration::from_secs(n)),
+        other => {
+            return Err(invalid(
+                "mode",
+                format!("{other:?} is not one of auto, local, remote"),
+            ));
         }
     };
+
+    let seconds =
+        |key: &'static str, value: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            match value.unwrap_or(default) {
+                0 => Err(invalid(key, "must be at least 1 second".into())),
+                n => Ok(Duration::from_secs(n)),
+            }
+        };
 
     Ok(Settings {
         source: path.to_path_buf(),
         xenapi: XenApiSettings {
             url,
-            username: raw.xenapi_connection_username.unwrap_or_else(|| "root".into()),
+            username: raw
+                .xenapi_connection_username
+                .unwrap_or_else(|| "root".into()),
             password,
             trust,
             connect_timeout: seconds("xenapi_connect_timeout", raw.xenapi_connect_timeout, 10)?,
@@ -203,18 +242,30 @@ pub fn validate(raw: RawConfig, path: &Path, credentials_dir: Option<&Path>) -> 
         },
         nfs_server,
         nfs_serverpath,
-        sr_base_path: absolute("xenapi_sr_base_path", raw.xenapi_sr_base_path, "/var/run/sr-mount")?,
+        sr_base_path: absolute(
+            "xenapi_sr_base_path",
+            raw.xenapi_sr_base_path,
+            "/var/run/sr-mount",
+        )?,
         socket: absolute("socket", raw.socket, "/run/xenapinfs/xenapinfs.sock")?,
         socket_group: raw.socket_group.unwrap_or_else(|| "xenapinfs".into()),
         state_dir: absolute("state_dir", raw.state_dir, "/var/lib/xenapinfs")?,
         mode,
-        hypervisor_uuid_path: absolute("hypervisor_uuid_path", raw.hypervisor_uuid_path, "/sys/hypervisor/uuid")?,
+        hypervisor_uuid_path: absolute(
+            "hypervisor_uuid_path",
+            raw.hypervisor_uuid_path,
+            "/sys/hypervisor/uuid",
+        )?,
         device_dir: absolute("device_dir", raw.device_dir, "/dev")?,
         qemu_img: raw.qemu_img.unwrap_or_else(|| PathBuf::from("qemu-img")),
     })
 }
 
-fn password(raw: &RawConfig, credentials_dir: Option<&Path>, path: &Path) -> Result<Password, ConfigError> {
+fn password(
+    raw: &RawConfig,
+    credentials_dir: Option<&Path>,
+    path: &Path,
+) -> Result<Password, ConfigError> {
     let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
         path: path.to_path_buf(),
         key,
@@ -228,10 +279,14 @@ fn password(raw: &RawConfig, credentials_dir: Option<&Path>, path: &Path) -> Res
         let secret = secret.strip_suffix('\r').unwrap_or(secret);
         Ok(Password::new(secret))
     };
-    match (&raw.xenapi_connection_password, &raw.xenapi_connection_password_file) {
+    match (
+        &raw.xenapi_connection_password,
+        &raw.xenapi_connection_password_file,
+    ) {
         (Some(_), Some(_)) => Err(invalid(
             "xenapi_connection_password_file",
-            "give either xenapi_connection_password or xenapi_connection_password_file, not both".into(),
+            "give either xenapi_connection_password or xenapi_connection_password_file, not both"
+                .into(),
         )),
         (Some(secret), None) => Ok(Password::new(secret.clone())),
         (None, Some(file)) => read_secret("xenapi_connection_password_file", file),
@@ -265,7 +320,10 @@ fn trust(raw: &RawConfig, path: &Path) -> Result<TlsTrust, ConfigError> {
             if file.is_file() {
                 Ok(TlsTrust::CaFile(file.clone()))
             } else {
-                Err(invalid("xenapi_ca_file", format!("{} is not a readable file", file.display())))
+                Err(invalid(
+                    "xenapi_ca_file",
+                    format!("{} is not a readable file", file.display()),
+                ))
             }
         }
         (None, Some(text), false) => Fingerprint::parse(text)
@@ -302,7 +360,10 @@ xenapi_nfs_serverpath = "/volumes"
         assert_eq!(settings.socket, Path::new("/run/xenapinfs/xenapinfs.sock"));
         assert_eq!(settings.state_dir, Path::new("/var/lib/xenapinfs"));
         assert_eq!(settings.mode, Mode::Auto);
-        assert_eq!(settings.hypervisor_uuid_path, Path::new("/sys/hypervisor/uuid"));
+        assert_eq!(
+            settings.hypervisor_uuid_path,
+            Path::new("/sys/hypervisor/uuid")
+        );
         assert_eq!(settings.device_dir, Path::new("/dev"));
         assert_eq!(settings.xenapi.trust, TlsTrust::System);
         assert_eq!(settings.xenapi.password.expose(), "secret");
@@ -311,7 +372,11 @@ xenapi_nfs_serverpath = "/volumes"
     #[test]
     fn unknown_keys_are_refused_with_key_and_file_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "c.toml", &format!("{MINIMAL}xenapi_nfs_sever = \"typo\"\n"));
+        let path = write(
+            dir.path(),
+            "c.toml",
+            &format!("{MINIMAL}xenapi_nfs_sever = \"typo\"\n"),
+        );
         let message = load(&path, None).unwrap_err().to_string();
         assert!(message.contains("xenapi_nfs_sever"), "{message}");
         assert!(message.contains("c.toml"), "{message}");
@@ -322,17 +387,36 @@ xenapi_nfs_serverpath = "/volumes"
         let dir = tempfile::tempdir().unwrap();
         for (line, key) in [
             ("mode = \"sideways\"", "mode"),
-            ("xenapi_sr_base_path = \"relative/dir\"", "xenapi_sr_base_path"),
-            ("xenapi_tls_fingerprint = \"12:34\"", "xenapi_tls_fingerprint"),
+            (
+                "xenapi_sr_base_path = \"relative/dir\"",
+                "xenapi_sr_base_path",
+            ),
+            (
+                "xenapi_tls_fingerprint = \"12:34\"",
+                "xenapi_tls_fingerprint",
+            ),
             ("xenapi_request_timeout = 0", "xenapi_request_timeout"),
         ] {
             let path = write(dir.path(), "c.toml", &format!("{MINIMAL}{line}\n"));
             let message = load(&path, None).unwrap_err().to_string();
             assert!(message.contains(key), "{line}: {message}");
         }
-        let path = write(dir.path(), "c.toml", &MINIMAL.replace("https://xenserver.example", "ftp://x"));
-        assert!(load(&path, None).unwrap_err().to_string().contains("xenapi_connection_url"));
-        let path = write(dir.path(), "c.toml", &MINIMAL.replace("xenapi_nfs_server = \"nfs.example\"\n", ""));
+        let path = write(
+            dir.path(),
+            "c.toml",
+            &MINIMAL.replace("https://xenserver.example", "ftp://x"),
+        );
+        assert!(
+            load(&path, None)
+                .unwrap_err()
+                .to_string()
+                .contains("xenapi_connection_url")
+        );
+        let path = write(
+            dir.path(),
+            "c.toml",
+            &MINIMAL.replace("xenapi_nfs_server = \"nfs.example\"\n", ""),
+        );
         assert_eq!(
             load(&path, None).unwrap_err().to_string(),
             format!("{}: xenapi_nfs_server is required", path.display())
@@ -347,23 +431,39 @@ xenapi_nfs_serverpath = "/volumes"
         let path = write(
             dir.path(),
             "c.toml",
-            &format!("{without}xenapi_connection_password_file = \"{}\"\n", secret.display()),
+            &format!(
+                "{without}xenapi_connection_password_file = \"{}\"\n",
+                secret.display()
+            ),
         );
-        assert_eq!(load(&path, None).unwrap().xenapi.password.expose(), "from-file");
+        assert_eq!(
+            load(&path, None).unwrap().xenapi.password.expose(),
+            "from-file"
+        );
 
         let creds = dir.path().join("creds");
         std::fs::create_dir(&creds).unwrap();
         write(&creds, PASSWORD_CREDENTIAL, "from-credential");
         let path = write(dir.path(), "c.toml", &without);
-        assert_eq!(load(&path, Some(&creds)).unwrap().xenapi.password.expose(), "from-credential");
+        assert_eq!(
+            load(&path, Some(&creds)).unwrap().xenapi.password.expose(),
+            "from-credential"
+        );
         let message = load(&path, None).unwrap_err().to_string();
-        assert!(message.ends_with("xenapi_connection_password is required"), "{message}");
+        assert!(
+            message.ends_with("xenapi_connection_password is required"),
+            "{message}"
+        );
     }
 
     #[test]
     fn insecure_only_when_asked_and_never_with_a_pin() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "c.toml", &format!("{MINIMAL}xenapi_insecure = true\n"));
+        let path = write(
+            dir.path(),
+            "c.toml",
+            &format!("{MINIMAL}xenapi_insecure = true\n"),
+        );
         assert_eq!(load(&path, None).unwrap().xenapi.trust, TlsTrust::Insecure);
         let pin = "ab".repeat(32);
         let path = write(
@@ -371,7 +471,12 @@ xenapi_nfs_serverpath = "/volumes"
             "c.toml",
             &format!("{MINIMAL}xenapi_insecure = true\nxenapi_tls_fingerprint = \"{pin}\"\n"),
         );
-        assert!(load(&path, None).unwrap_err().to_string().contains("xenapi_insecure"));
+        assert!(
+            load(&path, None)
+                .unwrap_err()
+                .to_string()
+                .contains("xenapi_insecure")
+        );
     }
 
     #[test]

@@ -120,7 +120,13 @@ impl JobManager {
         {
             let mut jobs = self.jobs.lock().expect("lock poisoned");
             forget_oldest_finished(&mut jobs);
-            jobs.insert(id.clone(), Entry { updates: updates.clone(), cancel: cancel.clone() });
+            jobs.insert(
+                id.clone(),
+                Entry {
+                    updates: updates.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
         }
         let future = body(context);
         let span = info_span!("job", job_id = %id, kind, volume = volume.as_deref().unwrap_or("-"));
@@ -179,7 +185,9 @@ impl JobManager {
         let entry = jobs.get(id)?;
         if !entry.updates.borrow().state.is_finished() {
             entry.cancel.cancel();
-            entry.updates.send_modify(|job| job.message = "cancelling".into());
+            entry
+                .updates
+                .send_modify(|job| job.message = "cancelling".into());
         }
         Some(entry.updates.borrow().clone())
     }
@@ -192,14 +200,18 @@ impl JobManager {
 
     pub fn running(&self) -> usize {
         let jobs = self.jobs.lock().expect("lock poisoned");
-        jobs.values().filter(|e| !e.updates.borrow().state.is_finished()).count()
+        jobs.values()
+            .filter(|e| !e.updates.borrow().state.is_finished())
+            .count()
     }
 
     /// Cancels every running job and waits up to `grace` for them to finish their clean-up.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.root.cancel();
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 
@@ -230,7 +242,11 @@ mod tests {
 
     async fn wait_finished(manager: &JobManager, id: &str) -> Job {
         let mut updates = manager.subscribe(id).unwrap();
-        updates.wait_for(|job| job.state.is_finished()).await.unwrap().clone()
+        updates
+            .wait_for(|job| job.state.is_finished())
+            .await
+            .unwrap()
+            .clone()
     }
 
     #[tokio::test]
@@ -260,7 +276,10 @@ mod tests {
         let manager = JobManager::default();
         let job = manager.start("demo", Some("v".into()), |ctx| async move {
             ctx.cancel.cancelled().await;
-            Err(JobError { kind: "cancelled".into(), message: "cancelled by request".into() })
+            Err(JobError {
+                kind: "cancelled".into(),
+                message: "cancelled by request".into(),
+            })
         });
         manager.cancel(&job.id).unwrap();
         let done = wait_finished(&manager, &job.id).await;
@@ -273,7 +292,10 @@ mod tests {
         let manager = JobManager::default();
         let job = manager.start("demo", None, |ctx| async move {
             ctx.cancel.cancelled().await;
-            Err(JobError { kind: "cancelled".into(), message: "stopped".into() })
+            Err(JobError {
+                kind: "cancelled".into(),
+                message: "stopped".into(),
+            })
         });
         assert!(manager.shutdown(Duration::from_secs(5)).await);
         assert_eq!(manager.get(&job.id).unwrap().state, JobState::Cancelled);

@@ -9,9 +9,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// reached the logs go to stderr instead.
 pub fn init(to_journal: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let journal = to_journal
-        .then(|| tracing_journald::layer().ok())
-        .flatten();
+    let journal = to_journal.then(|| tracing_journald::layer().ok()).flatten();
     let stderr = journal.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

@@ -97,16 +97,24 @@ impl Agent {
         let old = self.settings();
         let restart_only = [
             ("xenapi_nfs_server", old.nfs_server != new.nfs_server),
-            ("xenapi_nfs_serverpath", old.nfs_serverpath != new.nfs_serverpath),
+            (
+                "xenapi_nfs_serverpath",
+                old.nfs_serverpath != new.nfs_serverpath,
+            ),
             ("xenapi_sr_base_path", old.sr_base_path != new.sr_base_path),
             ("socket", old.socket != new.socket),
             ("state_dir", old.state_dir != new.state_dir),
             ("device_dir", old.device_dir != new.device_dir),
             ("qemu_img", old.qemu_img != new.qemu_img),
         ];
-        let ignored: Vec<&'static str> = restart_only.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect();
+        let ignored: Vec<&'static str> = restart_only
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect();
         let xenapi_changed = old.xenapi != new.xenapi;
-        let mode_changed = old.mode != new.mode || old.hypervisor_uuid_path != new.hypervisor_uuid_path;
+        let mode_changed =
+            old.mode != new.mode || old.hypervisor_uuid_path != new.hypervisor_uuid_path;
         if xenapi_changed {
             self.xenapi.reconfigure(client_settings(&new))?;
         }
@@ -125,7 +133,12 @@ impl Agent {
             *self.mode.write().expect("lock poisoned") = None;
             self.wake_session_loop.notify_one();
         }
-        info!(xenapi_changed, mode_changed, ?ignored, "configuration reloaded");
+        info!(
+            xenapi_changed,
+            mode_changed,
+            ?ignored,
+            "configuration reloaded"
+        );
         Ok(ignored)
     }
 
@@ -139,7 +152,11 @@ impl Agent {
         if self.mode().is_some() {
             return Ok(());
         }
-        let why = self.xenapi.state().last_error.unwrap_or_else(|| "still connecting".into());
+        let why = self
+            .xenapi
+            .state()
+            .last_error
+            .unwrap_or_else(|| "still connecting".into());
         Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
@@ -152,7 +169,10 @@ impl Agent {
         let jobs = self.jobs.running();
         match (self.mode(), self.xenapi.state().last_error) {
             (_, Some(error)) => format!("XenAPI unreachable: {error}; {jobs} jobs running"),
-            (Some(report), None) => format!("serving; XenAPI connected; {} mode; {jobs} jobs running", report.mode),
+            (Some(report), None) => format!(
+                "serving; XenAPI connected; {} mode; {jobs} jobs running",
+                report.mode
+            ),
             (None, None) => "connecting to XenAPI".to_string(),
         }
     }
@@ -171,7 +191,12 @@ impl Agent {
     /// Logs in and decides the mode, retrying with backoff while xapi is unreachable; then
     /// checks the session now and then, so an unreachable host shows in status and the session
     /// is re-established without a restart. `first_attempt` fires after the first try.
-    async fn session_loop(&self, notifier: &dyn Notifier, first_attempt: tokio::sync::oneshot::Sender<()>, shutdown: &CancellationToken) {
+    async fn session_loop(
+        &self,
+        notifier: &dyn Notifier,
+        first_attempt: tokio::sync::oneshot::Sender<()>,
+        shutdown: &CancellationToken,
+    ) {
         let mut first_attempt = Some(first_attempt);
         let mut delay = Duration::from_secs(1);
         loop {
@@ -197,7 +222,11 @@ impl Agent {
                     }
                 }
             } else {
-                if let Err(e) = self.xenapi.call_on_own_session("session.get_this_host").await {
+                if let Err(e) = self
+                    .xenapi
+                    .call_on_own_session("session.get_this_host")
+                    .await
+                {
                     warn!(error = %e, "XenAPI check failed");
                 }
                 KEEPALIVE
@@ -232,10 +261,15 @@ pub async fn run(
     let (first_attempt, attempted) = tokio::sync::oneshot::channel();
     let session_loop = {
         let (agent, notifier, shutdown) = (agent.clone(), notifier.clone(), shutdown.clone());
-        tokio::spawn(async move { agent.session_loop(notifier.as_ref(), first_attempt, &shutdown).await })
+        tokio::spawn(async move {
+            agent
+                .session_loop(notifier.as_ref(), first_attempt, &shutdown)
+                .await
+        })
     };
     let app = crate::api::router(agent.clone()).into_make_service_with_connect_info::<Peer>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     tokio::select! {
         _ = attempted => {}
@@ -244,9 +278,14 @@ pub async fn run(
     notifier.ready();
     let pinger = watchdog.map(|period| {
         let (agent, notifier, shutdown) = (agent.clone(), notifier.clone(), shutdown.clone());
-        tokio::spawn(async move { ping_watchdog(&agent, notifier.as_ref(), period, &shutdown).await })
+        tokio::spawn(
+            async move { ping_watchdog(&agent, notifier.as_ref(), period, &shutdown).await },
+        )
     });
-    let served = server.await.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(ServiceError::Serve);
+    let served = server
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(ServiceError::Serve);
     notifier.stopping();
     notifier.status("stopping: cancelling jobs and detaching volumes");
     session_loop.abort();
@@ -254,7 +293,10 @@ pub async fn run(
         pinger.abort();
     }
     if !agent.jobs.shutdown(JOB_GRACE).await {
-        warn!("jobs still running after {} s; leaving them", JOB_GRACE.as_secs());
+        warn!(
+            "jobs still running after {} s; leaving them",
+            JOB_GRACE.as_secs()
+        );
     }
     agent.volumes.detach_all().await;
     agent.xenapi.logout().await;
@@ -274,7 +316,12 @@ pub fn warn_about_transport(settings: &Settings) {
 
 /// Pings systemd's watchdog at half its period, but only while the parts that must be alive
 /// are: this runtime (the pinger runs on it), the XenAPI session loop, and the job table.
-async fn ping_watchdog(agent: &Agent, notifier: &dyn Notifier, period: Duration, shutdown: &CancellationToken) {
+async fn ping_watchdog(
+    agent: &Agent,
+    notifier: &dyn Notifier,
+    period: Duration,
+    shutdown: &CancellationToken,
+) {
     let stale_after = KEEPALIVE * 2 + agent.settings().xenapi.request_timeout * 2;
     let mut ticker = tokio::time::interval(period / 2);
     loop {
@@ -287,7 +334,10 @@ async fn ping_watchdog(agent: &Agent, notifier: &dyn Notifier, period: Duration,
         if age <= stale_after {
             notifier.watchdog();
         } else {
-            warn!(seconds = age.as_secs(), "the XenAPI session loop is stuck; no watchdog ping");
+            warn!(
+                seconds = age.as_secs(),
+                "the XenAPI session loop is stuck; no watchdog ping"
+            );
         }
     }
 }

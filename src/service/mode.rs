@@ -32,9 +32,15 @@ impl ModeReport {
 /// Decides the mode. `configured` is the `mode` setting; `auto` looks up this VM (first line
 /// of `hypervisor_uuid_path`) in XenAPI and checks that it runs on the controller, the pool
 /// master this agent talks to. `local` insists on the same checks and fails when they fail.
-pub async fn detect(configured: Mode, uuid_path: &Path, xenapi: &XenApiClient) -> Result<ModeReport, XenApiError> {
+pub async fn detect(
+    configured: Mode,
+    uuid_path: &Path,
+    xenapi: &XenApiClient,
+) -> Result<ModeReport, XenApiError> {
     if configured == Mode::Remote {
-        return Ok(ModeReport::remote("mode = remote in the configuration".into()));
+        return Ok(ModeReport::remote(
+            "mode = remote in the configuration".into(),
+        ));
     }
     let outcome = find_own_vm(uuid_path, xenapi).await?;
     match (outcome, configured) {
@@ -53,13 +59,24 @@ pub async fn detect(configured: Mode, uuid_path: &Path, xenapi: &XenApiClient) -
 }
 
 /// `Ok(Ok(vm))` when this VM is a guest of the controller, `Ok(Err(reason))` when it is not.
-async fn find_own_vm(uuid_path: &Path, xenapi: &XenApiClient) -> Result<Result<(Ref<Vm>, String), String>, XenApiError> {
+async fn find_own_vm(
+    uuid_path: &Path,
+    xenapi: &XenApiClient,
+) -> Result<Result<(Ref<Vm>, String), String>, XenApiError> {
     let uuid = match std::fs::read_to_string(uuid_path) {
         Ok(text) => text.lines().next().unwrap_or("").trim().to_string(),
-        Err(e) => return Ok(Err(format!("cannot read {}: {e} (not a Xen guest?)", uuid_path.display()))),
+        Err(e) => {
+            return Ok(Err(format!(
+                "cannot read {}: {e} (not a Xen guest?)",
+                uuid_path.display()
+            )));
+        }
     };
     if uuid::Uuid::parse_str(&uuid).is_err() {
-        return Ok(Err(format!("{} does not hold a VM uuid", uuid_path.display())));
+        return Ok(Err(format!(
+            "{} does not hold a VM uuid",
+            uuid_path.display()
+        )));
     }
     let vm = match xenapi.get_by_uuid::<Vm>(&uuid).await {
         Ok(vm) => vm,
@@ -74,7 +91,9 @@ async fn find_own_vm(uuid_path: &Path, xenapi: &XenApiClient) -> Result<Result<(
         return Ok(Err(format!("VM {uuid} is not running on any host")));
     }
     if resident_on != master {
-        return Ok(Err(format!("VM {uuid} runs on another pool member than the controller")));
+        return Ok(Err(format!(
+            "VM {uuid} runs on another pool member than the controller"
+        )));
     }
     Ok(Ok((vm, uuid)))
 }

@@ -35,7 +35,9 @@ pub struct AttachInfo {
 
 fn local_vm(mode: Option<&ModeReport>, operation: &'static str) -> Result<Ref<Vm>, VolumeError> {
     match mode {
-        None => Err(VolumeError::NotReady("the operating mode is not decided yet".into())),
+        None => Err(VolumeError::NotReady(
+            "the operating mode is not decided yet".into(),
+        )),
         Some(report) => report.vm.clone().ok_or_else(|| VolumeError::WrongMode {
             operation,
             mode: report.mode.to_string(),
@@ -46,15 +48,24 @@ fn local_vm(mode: Option<&ModeReport>, operation: &'static str) -> Result<Ref<Vm
 
 impl VolumeManager {
     /// Plugs the volume into this VM read-write and returns the device path.
-    pub async fn attach(&self, id: VolumeId, mode: Option<&ModeReport>) -> Result<AttachInfo, VolumeError> {
+    pub async fn attach(
+        &self,
+        id: VolumeId,
+        mode: Option<&ModeReport>,
+    ) -> Result<AttachInfo, VolumeError> {
         let vm = local_vm(mode, "attach")?;
         let _lock = self.locks.lock(id.sr).await;
         if let Some(existing) = self.attached.lock().expect("lock poisoned").get(&id) {
-            return Err(VolumeError::Conflict(format!("volume {id} is already attached at {}", existing.device.display())));
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is already attached at {}",
+                existing.device.display()
+            )));
         }
         self.share.volume(id)?;
         let (handle, vdi) = self.open(id).await?;
-        let other_config = [(VBD_TAG.to_string(), id.to_string())].into_iter().collect();
+        let other_config = [(VBD_TAG.to_string(), id.to_string())]
+            .into_iter()
+            .collect();
         let vbd = match self
             .xenapi
             .vbd_create(&NewVbd {
@@ -100,11 +111,20 @@ impl VolumeManager {
     async fn plug(&self, vbd: &Ref<Vbd>) -> Result<PathBuf, VolumeError> {
         {
             let _gate = self.vbd_gate.lock().await;
-            self.xenapi.vbd_plug(vbd).await.map_err(VolumeError::xenapi("plugging the VBD"))?;
+            self.xenapi
+                .vbd_plug(vbd)
+                .await
+                .map_err(VolumeError::xenapi("plugging the VBD"))?;
         }
-        let name = self.xenapi.vbd_get_device(vbd).await.map_err(VolumeError::xenapi("reading the VBD's device"))?;
+        let name = self
+            .xenapi
+            .vbd_get_device(vbd)
+            .await
+            .map_err(VolumeError::xenapi("reading the VBD's device"))?;
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(VolumeError::Invalid(format!("xapi reported device name {name:?}")));
+            return Err(VolumeError::Invalid(format!(
+                "xapi reported device name {name:?}"
+            )));
         }
         let device = self.device_dir.join(&name);
         wait_for_device(&device).await?;
@@ -119,7 +139,9 @@ impl VolumeManager {
             .lock()
             .expect("lock poisoned")
             .remove(&id)
-            .ok_or_else(|| VolumeError::Conflict(format!("volume {id} is not attached to this VM")))?;
+            .ok_or_else(|| {
+                VolumeError::Conflict(format!("volume {id} is not attached to this VM"))
+            })?;
         if let Err(e) = flush(&attachment.device) {
             warn!(device = %attachment.device.display(), error = %e, "flushing the device before unplug failed");
         }
@@ -127,8 +149,14 @@ impl VolumeManager {
         self.remove_vbd(&attachment.vbd, &mut cleanup).await;
         if !cleanup.failures.is_empty() {
             // Still plugged: keep it recorded so a later detach can try again.
-            let error = VolumeError::Conflict(format!("volume {id} could not be detached: {}", cleanup.failures.join("; ")));
-            self.attached.lock().expect("lock poisoned").insert(id, attachment);
+            let error = VolumeError::Conflict(format!(
+                "volume {id} could not be detached: {}",
+                cleanup.failures.join("; ")
+            ));
+            self.attached
+                .lock()
+                .expect("lock poisoned")
+                .insert(id, attachment);
             return Err(error);
         }
         attachment.sr.release(&self.xenapi, &mut cleanup).await;
@@ -138,7 +166,13 @@ impl VolumeManager {
 
     /// Detaches everything this agent attached (at shutdown).
     pub async fn detach_all(&self) {
-        let ids: Vec<VolumeId> = self.attached.lock().expect("lock poisoned").keys().copied().collect();
+        let ids: Vec<VolumeId> = self
+            .attached
+            .lock()
+            .expect("lock poisoned")
+            .keys()
+            .copied()
+            .collect();
         for id in ids {
             if let Err(e) = self.detach(id).await {
                 warn!(volume = %id, error = %e, "could not detach at shutdown");
@@ -208,5 +242,8 @@ async fn wait_for_device(device: &Path) -> Result<(), VolumeError> {
 
 /// Makes sure everything written to the device has reached it before it goes away.
 fn flush(device: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new().write(true).open(device)?.sync_all()
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)?
+        .sync_all()
 }

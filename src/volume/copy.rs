@@ -32,13 +32,20 @@ const COPY_SHARE: f64 = 90.0;
 
 impl VolumeManager {
     /// Checks a copy request before a job is started for it, so bad requests fail at once.
-    pub fn check_copy(&self, source: VolumeId, size_gb: Option<u64>, name: Option<&str>) -> Result<Volume, VolumeError> {
+    pub fn check_copy(
+        &self,
+        source: VolumeId,
+        size_gb: Option<u64>,
+        name: Option<&str>,
+    ) -> Result<Volume, VolumeError> {
         if let Some(name) = name {
             check_label("name", name)?;
         }
         let volume = self.share.volume(source)?;
         if let Some(problem) = &volume.problem {
-            return Err(VolumeError::Conflict(format!("volume {source} cannot be read: {problem}")));
+            return Err(VolumeError::Conflict(format!(
+                "volume {source} cannot be read: {problem}"
+            )));
         }
         if let Some(size_gb) = size_gb
             && check_size(size_gb)? < volume.size_bytes
@@ -85,7 +92,8 @@ impl VolumeManager {
                     .await
                     .map_err(VolumeError::xenapi("growing the copy"))?;
             }
-            self.finish_new_volume(&target, &copy, &name, &description).await
+            self.finish_new_volume(&target, &copy, &name, &description)
+                .await
         }
         .await;
         self.close(source_sr).await;
@@ -99,7 +107,12 @@ impl VolumeManager {
         }
     }
 
-    async fn copy_vdi(&self, source: &Ref<Vdi>, into: &Ref<crate::xenapi::Sr>, ctx: &JobContext) -> Result<Ref<Vdi>, VolumeError> {
+    async fn copy_vdi(
+        &self,
+        source: &Ref<Vdi>,
+        into: &Ref<crate::xenapi::Sr>,
+        ctx: &JobContext,
+    ) -> Result<Ref<Vdi>, VolumeError> {
         let task = self
             .xenapi
             .vdi_copy_async(source, into)
@@ -122,10 +135,12 @@ impl VolumeManager {
         match result {
             Ok(value) => match value.as_str() {
                 Some(handle) if handle.starts_with("OpaqueRef:") => Ok(Ref::new(handle)),
-                _ => Err(VolumeError::xenapi("Async.VDI.copy")(XenApiError::Protocol {
-                    method: "Async.VDI.copy".into(),
-                    reason: format!("task result {value:?} is not a VDI reference"),
-                })),
+                _ => Err(VolumeError::xenapi("Async.VDI.copy")(
+                    XenApiError::Protocol {
+                        method: "Async.VDI.copy".into(),
+                        reason: format!("task result {value:?} is not a VDI reference"),
+                    },
+                )),
             },
             Err(XenApiError::TaskCancelled { .. }) => Err(VolumeError::Cancelled),
             Err(e) => Err(VolumeError::xenapi("copying the VDI")(e)),

@@ -38,7 +38,10 @@ pub enum VolumeError {
     Cancelled,
     /// The operation failed and so did part of the clean-up; both are reported.
     #[error("{error}; clean-up also failed: {}", cleanup.join("; "))]
-    CleanupFailed { error: Box<VolumeError>, cleanup: Vec<String> },
+    CleanupFailed {
+        error: Box<VolumeError>,
+        cleanup: Vec<String>,
+    },
 }
 
 impl VolumeError {

@@ -42,9 +42,21 @@ mod tests {
         let table = Arc::new(LockTable::default());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let held = table.lock(a).await;
-        assert!(tokio::time::timeout(Duration::from_millis(50), table.lock(b)).await.is_ok());
-        assert!(tokio::time::timeout(Duration::from_millis(50), table.lock(a)).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), table.lock(b))
+                .await
+                .is_ok()
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), table.lock(a))
+                .await
+                .is_err()
+        );
         drop(held);
-        assert!(tokio::time::timeout(Duration::from_millis(50), table.lock(a)).await.is_ok());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), table.lock(a))
+                .await
+                .is_ok()
+        );
     }
 }

@@ -70,10 +70,14 @@ pub struct Stats {
 /// Checks a name or description given by a caller.
 fn check_label(what: &str, text: &str) -> Result<(), VolumeError> {
     if text.len() > 255 {
-        return Err(VolumeError::Invalid(format!("{what} is longer than 255 bytes")));
+        return Err(VolumeError::Invalid(format!(
+            "{what} is longer than 255 bytes"
+        )));
     }
     if text.chars().any(char::is_control) {
-        return Err(VolumeError::Invalid(format!("{what} contains control characters")));
+        return Err(VolumeError::Invalid(format!(
+            "{what} contains control characters"
+        )));
     }
     Ok(())
 }
@@ -138,7 +142,15 @@ impl VolumeManager {
     async fn open(&self, id: VolumeId) -> Result<(SrHandle, Ref<Vdi>), VolumeError> {
         let host = self.host().await?;
         let metadata = self.share.metadata(id.sr).unwrap_or_default();
-        let handle = SrHandle::attach(&self.xenapi, &host, id.sr, &self.device_config(), &metadata.name, &metadata.description).await?;
+        let handle = SrHandle::attach(
+            &self.xenapi,
+            &host,
+            id.sr,
+            &self.device_config(),
+            &metadata.name,
+            &metadata.description,
+        )
+        .await?;
         match self.xenapi.get_by_uuid::<Vdi>(&id.vdi.to_string()).await {
             Ok(vdi) => Ok((handle, vdi)),
             Err(e) => {
@@ -165,7 +177,12 @@ impl VolumeManager {
     }
 
     /// Creates a new SR with one empty VDI: a new volume.
-    pub async fn create(&self, size_gb: u64, name: &str, description: &str) -> Result<Volume, VolumeError> {
+    pub async fn create(
+        &self,
+        size_gb: u64,
+        name: &str,
+        description: &str,
+    ) -> Result<Volume, VolumeError> {
         let size = check_size(size_gb)?;
         check_label("name", name)?;
         check_label("description", description)?;
@@ -182,7 +199,8 @@ impl VolumeManager {
                 })
                 .await
                 .map_err(VolumeError::xenapi("creating the volume's VDI"))?;
-            self.finish_new_volume(&handle, &vdi, name, description).await
+            self.finish_new_volume(&handle, &vdi, name, description)
+                .await
         }
         .await;
         match created {
@@ -207,38 +225,64 @@ impl VolumeManager {
             Ok(record) => SrHandle::created(sr, &record),
             Err(e) => {
                 let mut cleanup = Cleanup::default();
-                cleanup.note("SR.destroy of the new SR", self.xenapi.sr_destroy(&sr).await);
+                cleanup.note(
+                    "SR.destroy of the new SR",
+                    self.xenapi.sr_destroy(&sr).await,
+                );
                 Err(VolumeError::xenapi("reading the new SR")(e).with_cleanup(cleanup.failures))
             }
         }
     }
 
     /// Records name and description of a volume whose VDI now exists in `handle`'s SR.
-    async fn finish_new_volume(&self, handle: &SrHandle, vdi: &Ref<Vdi>, name: &str, description: &str) -> Result<VolumeId, VolumeError> {
-        let record: VdiRecord = self.xenapi.get_record(vdi).await.map_err(VolumeError::xenapi("reading the new VDI"))?;
+    async fn finish_new_volume(
+        &self,
+        handle: &SrHandle,
+        vdi: &Ref<Vdi>,
+        name: &str,
+        description: &str,
+    ) -> Result<VolumeId, VolumeError> {
+        let record: VdiRecord = self
+            .xenapi
+            .get_record(vdi)
+            .await
+            .map_err(VolumeError::xenapi("reading the new VDI"))?;
         let vdi_uuid = id::parse_uuid(&record.uuid, "VDI").map_err(VolumeError::Invalid)?;
         let metadata = Metadata {
             name: name.to_string(),
             description: description.to_string(),
         };
         self.share.write_metadata(handle.uuid, &metadata)?;
-        Ok(VolumeId { sr: handle.uuid, vdi: vdi_uuid })
+        Ok(VolumeId {
+            sr: handle.uuid,
+            vdi: vdi_uuid,
+        })
     }
 
     /// Undoes a half-made volume: destroys its VDIs and its SR (and with it the directory).
     async fn discard_sr(&self, handle: SrHandle, error: VolumeError) -> VolumeError {
         let mut cleanup = Cleanup::default();
-        match self.xenapi.get_record::<crate::xenapi::Sr>(&handle.sr).await {
+        match self
+            .xenapi
+            .get_record::<crate::xenapi::Sr>(&handle.sr)
+            .await
+        {
             Ok(SrRecord { vdis, .. }) => {
                 for vdi in vdis {
-                    cleanup.note("VDI.destroy of a half-made volume", self.xenapi.vdi_destroy(&vdi).await);
+                    cleanup.note(
+                        "VDI.destroy of a half-made volume",
+                        self.xenapi.vdi_destroy(&vdi).await,
+                    );
                 }
             }
             Err(e) => cleanup.note("reading the half-made SR", Err::<(), _>(e)),
         }
         let dir = self.share.sr_dir(handle.uuid);
         let _ = std::fs::remove_file(dir.join(".xenapinfs.json"));
-        cleanup.note("SR.destroy of a half-made volume", handle.destroy(&self.xenapi).await);
+        cleanup.note(
+            "SR.destroy of a half-made volume",
+            handle.destroy(&self.xenapi).await,
+        );
         error.with_cleanup(cleanup.failures)
     }
 
@@ -248,8 +292,15 @@ impl VolumeManager {
         if !self.share.sr_dir(id.sr).is_dir() {
             return Err(VolumeError::NotFound(id));
         }
-        if self.attached.lock().expect("lock poisoned").contains_key(&id) {
-            return Err(VolumeError::Conflict(format!("volume {id} is attached to this VM; detach it first")));
+        if self
+            .attached
+            .lock()
+            .expect("lock poisoned")
+            .contains_key(&id)
+        {
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is attached to this VM; detach it first"
+            )));
         }
         let (handle, vdi) = self.open(id).await?;
         if let Err(e) = self.xenapi.vdi_destroy(&vdi).await {
@@ -288,8 +339,15 @@ impl VolumeManager {
         if size == current.size_bytes {
             return Ok(current);
         }
-        if self.attached.lock().expect("lock poisoned").contains_key(&id) {
-            return Err(VolumeError::Conflict(format!("volume {id} is attached; XenServer resizes NFS VDIs offline only, detach it first")));
+        if self
+            .attached
+            .lock()
+            .expect("lock poisoned")
+            .contains_key(&id)
+        {
+            return Err(VolumeError::Conflict(format!(
+                "volume {id} is attached; XenServer resizes NFS VDIs offline only, detach it first"
+            )));
         }
         let (handle, vdi) = self.open(id).await?;
         let resized = self.xenapi.vdi_resize(&vdi, size).await;

@@ -77,10 +77,16 @@ impl Share {
     /// Every volume on the share, sorted by id. Directories that are not SR uuids are skipped.
     pub fn list(&self) -> Result<Vec<Volume>, VolumeError> {
         let mut volumes = Vec::new();
-        let entries = std::fs::read_dir(&self.base)
-            .map_err(VolumeError::io(format!("reading the share at {}", self.base.display())))?;
+        let entries = std::fs::read_dir(&self.base).map_err(VolumeError::io(format!(
+            "reading the share at {}",
+            self.base.display()
+        )))?;
         for entry in entries.filter_map(Result::ok) {
-            let Some(sr) = entry.file_name().to_str().and_then(|n| super::id::parse_uuid(n, "SR").ok()) else {
+            let Some(sr) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| super::id::parse_uuid(n, "SR").ok())
+            else {
                 continue;
             };
             if !entry.path().is_dir() {
@@ -107,7 +113,11 @@ impl Share {
         let dir = self.sr_dir(sr);
         let mut found = Vec::new();
         let mut parents = Vec::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+        for entry in std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
             let name = entry.file_name();
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".vhd")) else {
                 continue;

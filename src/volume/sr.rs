@@ -63,7 +63,8 @@ impl Cleanup {
 impl SrHandle {
     /// Wraps an SR created by `SR.create` (which also made and plugged its PBDs).
     pub fn created(sr: Ref<Sr>, record: &SrRecord) -> Result<Self, VolumeError> {
-        let uuid = Uuid::parse_str(&record.uuid).map_err(|_| VolumeError::Invalid(format!("xapi gave SR uuid {:?}", record.uuid)))?;
+        let uuid = Uuid::parse_str(&record.uuid)
+            .map_err(|_| VolumeError::Invalid(format!("xapi gave SR uuid {:?}", record.uuid)))?;
         Ok(SrHandle {
             sr,
             uuid,
@@ -163,7 +164,10 @@ impl SrHandle {
             .await
             .map_err(VolumeError::xenapi(context.clone()))?;
         self.created.push(pbd.clone());
-        xenapi.pbd_plug(&pbd).await.map_err(VolumeError::xenapi(context))?;
+        xenapi
+            .pbd_plug(&pbd)
+            .await
+            .map_err(VolumeError::xenapi(context))?;
         self.plugged.push(pbd);
         Ok(())
     }
@@ -182,10 +186,16 @@ impl SrHandle {
     pub async fn release(self, xenapi: &XenApiClient, cleanup: &mut Cleanup) {
         self.unplug(xenapi, cleanup).await;
         if self.introduced {
-            cleanup.note(&format!("SR.forget of SR {}", self.uuid), xenapi.sr_forget(&self.sr).await);
+            cleanup.note(
+                &format!("SR.forget of SR {}", self.uuid),
+                xenapi.sr_forget(&self.sr).await,
+            );
         } else {
             for pbd in &self.created {
-                cleanup.note(&format!("PBD.destroy on SR {}", self.uuid), xenapi.pbd_destroy(pbd).await);
+                cleanup.note(
+                    &format!("PBD.destroy on SR {}", self.uuid),
+                    xenapi.pbd_destroy(pbd).await,
+                );
             }
         }
     }

@@ -54,14 +54,20 @@ impl XenApiClient {
         let value = self.call(method, args).await?;
         match value {
             Value::String(handle) if handle.starts_with("OpaqueRef:") => Ok(Ref::new(handle)),
-            other => Err(protocol(method, format!("expected a reference, got {other:?}"))),
+            other => Err(protocol(
+                method,
+                format!("expected a reference, got {other:?}"),
+            )),
         }
     }
 
     async fn call_string(&self, method: &str, args: &[Value]) -> Result<String, XenApiError> {
         match self.call(method, args).await? {
             Value::String(s) => Ok(s),
-            other => Err(protocol(method, format!("expected a string, got {other:?}"))),
+            other => Err(protocol(
+                method,
+                format!("expected a string, got {other:?}"),
+            )),
         }
     }
 
@@ -78,8 +84,11 @@ impl XenApiClient {
 
     /// `<Class>.get_by_uuid`.
     pub async fn get_by_uuid<C: XenClass>(&self, uuid: &str) -> Result<Ref<C>, XenApiError> {
-        self.call_ref(&format!("{}.get_by_uuid", C::NAME), &[Value::String(uuid.into())])
-            .await
+        self.call_ref(
+            &format!("{}.get_by_uuid", C::NAME),
+            &[Value::String(uuid.into())],
+        )
+        .await
     }
 
     /// `<Class>.get_all`.
@@ -90,22 +99,38 @@ impl XenApiClient {
                 .into_iter()
                 .map(|item| match item {
                     Value::String(s) => Ok(Ref::new(s)),
-                    other => Err(protocol(&method, format!("expected references, got {other:?}"))),
+                    other => Err(protocol(
+                        &method,
+                        format!("expected references, got {other:?}"),
+                    )),
                 })
                 .collect(),
-            other => Err(protocol(&method, format!("expected an array, got {other:?}"))),
+            other => Err(protocol(
+                &method,
+                format!("expected an array, got {other:?}"),
+            )),
         }
     }
 
     /// `<Class>.get_all_records`, keyed by reference.
-    pub async fn get_all_records<C: XenClass>(&self) -> Result<Vec<(Ref<C>, C::Record)>, XenApiError> {
+    pub async fn get_all_records<C: XenClass>(
+        &self,
+    ) -> Result<Vec<(Ref<C>, C::Record)>, XenApiError> {
         let method = format!("{}.get_all_records", C::NAME);
         match self.call(&method, &[]).await? {
             Value::Struct(entries) => entries
                 .iter()
-                .map(|(handle, value)| Ok((Ref::new(handle.clone()), decode_record::<C>(&method, value)?)))
+                .map(|(handle, value)| {
+                    Ok((
+                        Ref::new(handle.clone()),
+                        decode_record::<C>(&method, value)?,
+                    ))
+                })
                 .collect(),
-            other => Err(protocol(&method, format!("expected a struct, got {other:?}"))),
+            other => Err(protocol(
+                &method,
+                format!("expected a struct, got {other:?}"),
+            )),
         }
     }
 
@@ -113,7 +138,10 @@ impl XenApiClient {
         let method = "session.get_this_host";
         match self.call_on_own_session(method).await? {
             Value::String(handle) if handle.starts_with("OpaqueRef:") => Ok(Ref::new(handle)),
-            other => Err(protocol(method, format!("expected a reference, got {other:?}"))),
+            other => Err(protocol(
+                method,
+                format!("expected a reference, got {other:?}"),
+            )),
         }
     }
 
@@ -152,7 +180,11 @@ impl XenApiClient {
         .await
     }
 
-    pub async fn sr_introduce(&self, uuid: &str, spec: &SrSpec<'_>) -> Result<Ref<Sr>, XenApiError> {
+    pub async fn sr_introduce(
+        &self,
+        uuid: &str,
+        spec: &SrSpec<'_>,
+    ) -> Result<Ref<Sr>, XenApiError> {
         self.call_ref(
             "SR.introduce",
             &[
@@ -210,9 +242,18 @@ impl XenApiClient {
     pub async fn vdi_create(&self, new: &NewVdi<'_>) -> Result<Ref<Vdi>, XenApiError> {
         let record = Value::Struct(BTreeMap::from([
             ("SR".to_string(), new.sr.to_value()),
-            ("name_label".to_string(), Value::String(new.name_label.into())),
-            ("name_description".to_string(), Value::String(new.name_description.into())),
-            ("virtual_size".to_string(), int64(size_arg(new.virtual_size))),
+            (
+                "name_label".to_string(),
+                Value::String(new.name_label.into()),
+            ),
+            (
+                "name_description".to_string(),
+                Value::String(new.name_description.into()),
+            ),
+            (
+                "virtual_size".to_string(),
+                int64(size_arg(new.virtual_size)),
+            ),
             ("type".to_string(), Value::String("user".into())),
             ("sharable".to_string(), Value::Bool(false)),
             ("read_only".to_string(), Value::Bool(false)),
@@ -234,34 +275,60 @@ impl XenApiClient {
     }
 
     /// `Async.VDI.copy` into another SR; wait for the task with [`XenApiClient::wait_task`].
-    pub async fn vdi_copy_async(&self, vdi: &Ref<Vdi>, into: &Ref<Sr>) -> Result<Ref<Task>, XenApiError> {
+    pub async fn vdi_copy_async(
+        &self,
+        vdi: &Ref<Vdi>,
+        into: &Ref<Sr>,
+    ) -> Result<Ref<Task>, XenApiError> {
         self.call_ref("Async.VDI.copy", &[vdi.to_value(), into.to_value()])
             .await
     }
 
     pub async fn vdi_set_name_label(&self, vdi: &Ref<Vdi>, name: &str) -> Result<(), XenApiError> {
-        self.call_void("VDI.set_name_label", &[vdi.to_value(), Value::String(name.into())])
-            .await
+        self.call_void(
+            "VDI.set_name_label",
+            &[vdi.to_value(), Value::String(name.into())],
+        )
+        .await
     }
 
-    pub async fn vdi_set_name_description(&self, vdi: &Ref<Vdi>, text: &str) -> Result<(), XenApiError> {
-        self.call_void("VDI.set_name_description", &[vdi.to_value(), Value::String(text.into())])
-            .await
+    pub async fn vdi_set_name_description(
+        &self,
+        vdi: &Ref<Vdi>,
+        text: &str,
+    ) -> Result<(), XenApiError> {
+        self.call_void(
+            "VDI.set_name_description",
+            &[vdi.to_value(), Value::String(text.into())],
+        )
+        .await
     }
 
     pub async fn vbd_create(&self, new: &NewVbd<'_>) -> Result<Ref<Vbd>, XenApiError> {
         let record = Value::Struct(BTreeMap::from([
             ("VM".to_string(), new.vm.to_value()),
             ("VDI".to_string(), new.vdi.to_value()),
-            ("userdevice".to_string(), Value::String(new.userdevice.into())),
+            (
+                "userdevice".to_string(),
+                Value::String(new.userdevice.into()),
+            ),
             ("bootable".to_string(), Value::Bool(false)),
-            ("mode".to_string(), Value::String(if new.read_only { "RO" } else { "RW" }.into())),
+            (
+                "mode".to_string(),
+                Value::String(if new.read_only { "RO" } else { "RW" }.into()),
+            ),
             ("type".to_string(), Value::String("Disk".into())),
             ("unpluggable".to_string(), Value::Bool(true)),
             ("empty".to_string(), Value::Bool(false)),
             ("other_config".to_string(), map_value(new.other_config)),
-            ("qos_algorithm_type".to_string(), Value::String(String::new())),
-            ("qos_algorithm_params".to_string(), map_value(&BTreeMap::new())),
+            (
+                "qos_algorithm_type".to_string(),
+                Value::String(String::new()),
+            ),
+            (
+                "qos_algorithm_params".to_string(),
+                map_value(&BTreeMap::new()),
+            ),
         ]));
         self.call_ref("VBD.create", &[record]).await
     }
@@ -296,7 +363,10 @@ fn size_arg(size: u64) -> i64 {
     i64::try_from(size).unwrap_or(i64::MAX)
 }
 
-pub(crate) fn decode_record<C: XenClass>(method: &str, value: &Value) -> Result<C::Record, XenApiError> {
+pub(crate) fn decode_record<C: XenClass>(
+    method: &str,
+    value: &Value,
+) -> Result<C::Record, XenApiError> {
     Fields::new(C::NAME, value)
         .and_then(|fields| C::Record::from_record(&fields))
         .map_err(|reason| protocol(method, reason))

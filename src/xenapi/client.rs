@@ -76,11 +76,12 @@ struct Link {
 
 impl Link {
     fn new(settings: &ClientSettings) -> Result<Self, XenApiError> {
-        let transport = HttpTransport::new(&settings.transport).map_err(|source| XenApiError::Transport {
-            method: "(setup)".into(),
-            url: settings.url.to_string(),
-            source,
-        })?;
+        let transport =
+            HttpTransport::new(&settings.transport).map_err(|source| XenApiError::Transport {
+                method: "(setup)".into(),
+                url: settings.url.to_string(),
+                source,
+            })?;
         Ok(Link {
             transport,
             username: settings.username.clone(),
@@ -148,7 +149,12 @@ impl XenApiClient {
         self.call_inner(method, &[], true).await
     }
 
-    async fn call_inner(&self, method: &str, args: &[Value], session_is_self: bool) -> Result<Value, XenApiError> {
+    async fn call_inner(
+        &self,
+        method: &str,
+        args: &[Value],
+        session_is_self: bool,
+    ) -> Result<Value, XenApiError> {
         let mut retried = false;
         loop {
             let (url, session) = self.session().await?;
@@ -160,7 +166,10 @@ impl XenApiClient {
             params.extend_from_slice(args);
             match self.send(&url, method, &params).await {
                 Err(e) if e.is("SESSION_INVALID") && !retried => {
-                    info!(method, "XenAPI session is no longer valid; logging in again");
+                    info!(
+                        method,
+                        "XenAPI session is no longer valid; logging in again"
+                    );
                     self.forget_session(&session);
                     retried = true;
                 }
@@ -176,7 +185,9 @@ impl XenApiClient {
             current.session.take().map(|s| (current.url.clone(), s))
         };
         if let Some((url, session)) = taken
-            && let Err(e) = self.send(&url, "session.logout", &[Value::String(session)]).await
+            && let Err(e) = self
+                .send(&url, "session.logout", &[Value::String(session)])
+                .await
         {
             debug!(error = %e, "XenAPI logout failed");
         }
@@ -224,7 +235,10 @@ impl XenApiClient {
             Value::String(link.originator.clone()),
         ];
         for _ in 0..=MAX_MASTER_REDIRECTS {
-            match self.send(&url, "session.login_with_password", &params).await {
+            match self
+                .send(&url, "session.login_with_password", &params)
+                .await
+            {
                 Ok(value) => {
                     let session = value.as_str().filter(|s| !s.is_empty()).ok_or_else(|| {
                         XenApiError::Protocol {
@@ -323,7 +337,10 @@ fn master_url(current: &Url, address: &str) -> Result<Url, XenApiError> {
         (host, Some(socket.port()))
     } else {
         match address.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port.parse::<u16>().map_err(|_| bad())?)),
+            Some((host, port)) => (
+                host.to_string(),
+                Some(port.parse::<u16>().map_err(|_| bad())?),
+            ),
             None => (address.to_string(), None),
         }
     };
@@ -342,12 +359,18 @@ mod tests {
     #[test]
     fn master_address_replaces_the_host_and_keeps_scheme_and_port() {
         let current = Url::parse("https://10.0.0.2/").unwrap();
-        assert_eq!(master_url(&current, "10.0.0.1").unwrap().as_str(), "https://10.0.0.1/");
+        assert_eq!(
+            master_url(&current, "10.0.0.1").unwrap().as_str(),
+            "https://10.0.0.1/"
+        );
         assert_eq!(
             master_url(&current, "10.0.0.1:8443").unwrap().as_str(),
             "https://10.0.0.1:8443/"
         );
-        assert_eq!(master_url(&current, "fd00::1").unwrap().as_str(), "https://[fd00::1]/");
+        assert_eq!(
+            master_url(&current, "fd00::1").unwrap().as_str(),
+            "https://[fd00::1]/"
+        );
         assert_eq!(
             master_url(&current, "master.example").unwrap().as_str(),
             "https://master.example/"

@@ -40,7 +40,10 @@ pub fn decode_response(body: &[u8]) -> Result<Decoded, String> {
         .ok_or_else(|| "response is not a Status struct".to_string())?;
     match fields.get("Status").and_then(Value::as_str) {
         Some("Success") => Ok(Decoded::Success(
-            fields.get("Value").cloned().unwrap_or(Value::String(String::new())),
+            fields
+                .get("Value")
+                .cloned()
+                .unwrap_or(Value::String(String::new())),
         )),
         Some("Failure") => {
             let description = fields

@@ -24,7 +24,11 @@ pub enum XenApiError {
     TaskCancelled { task: String, name: String },
     /// A task did not finish in the time allowed; it has been asked to cancel.
     #[error("XenAPI task {task} ({name}) did not finish within {seconds} s")]
-    TaskTimeout { task: String, name: String, seconds: u64 },
+    TaskTimeout {
+        task: String,
+        name: String,
+        seconds: u64,
+    },
     /// Logins kept being redirected between pool members.
     #[error("XenAPI login: too many HOST_IS_SLAVE redirects (last master address {last})")]
     TooManyRedirects { last: String },

@@ -106,7 +106,10 @@ impl<'a> Fields<'a> {
     }
 
     fn wrong(&self, name: &str, expected: &str, got: &Value) -> String {
-        format!("{} field {name}: expected {expected}, got {got:?}", self.class)
+        format!(
+            "{} field {name}: expected {expected}, got {got:?}",
+            self.class
+        )
     }
 
     pub fn string(&self, name: &str) -> Result<String, String> {
@@ -118,7 +121,10 @@ impl<'a> Fields<'a> {
 
     pub fn int(&self, name: &str) -> Result<i64, String> {
         match self.get(name)? {
-            Value::String(s) => s.trim().parse().map_err(|_| self.wrong(name, "an int64", &Value::String(s.clone()))),
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| self.wrong(name, "an int64", &Value::String(s.clone()))),
             Value::Int(i) => Ok(i64::from(*i)),
             Value::Int64(i) => Ok(*i),
             other => Err(self.wrong(name, "an int64", other)),
@@ -135,7 +141,10 @@ impl<'a> Fields<'a> {
             Value::Double(d) => Ok(*d),
             Value::Int(i) => Ok(f64::from(*i)),
             Value::Int64(i) => Ok(*i as f64),
-            Value::String(s) => s.trim().parse().map_err(|_| self.wrong(name, "a float", &Value::String(s.clone()))),
+            Value::String(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| self.wrong(name, "a float", &Value::String(s.clone()))),
             other => Err(self.wrong(name, "a float", other)),
         }
     }
@@ -152,7 +161,8 @@ impl<'a> Fields<'a> {
     }
 
     pub fn references<C>(&self, name: &str) -> Result<Vec<Ref<C>>, String> {
-        self.strings(name).map(|all| all.into_iter().map(Ref::new).collect())
+        self.strings(name)
+            .map(|all| all.into_iter().map(Ref::new).collect())
     }
 
     pub fn strings(&self, name: &str) -> Result<Vec<String>, String> {
@@ -429,7 +439,10 @@ impl TaskStatus {
     }
 
     pub fn is_finished(self) -> bool {
-        matches!(self, TaskStatus::Success | TaskStatus::Failure | TaskStatus::Cancelled)
+        matches!(
+            self,
+            TaskStatus::Success | TaskStatus::Failure | TaskStatus::Cancelled
+        )
     }
 }
 
@@ -461,7 +474,12 @@ mod tests {
     use super::*;
 
     fn record(entries: &[(&str, Value)]) -> Value {
-        Value::Struct(entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        Value::Struct(
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -475,8 +493,16 @@ mod tests {
     fn missing_and_mistyped_fields_name_class_and_field() {
         let value = record(&[("shared", Value::String("yes".into()))]);
         let fields = Fields::new("SR", &value).unwrap();
-        assert_eq!(fields.string("uuid").unwrap_err(), "SR record has no field uuid");
-        assert!(fields.boolean("shared").unwrap_err().starts_with("SR field shared: expected a boolean"));
+        assert_eq!(
+            fields.string("uuid").unwrap_err(),
+            "SR record has no field uuid"
+        );
+        assert!(
+            fields
+                .boolean("shared")
+                .unwrap_err()
+                .starts_with("SR field shared: expected a boolean")
+        );
     }
 
     #[test]

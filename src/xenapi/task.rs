@@ -24,7 +24,11 @@ pub struct TaskWait<'a> {
 impl XenApiClient {
     /// Polls `task` until it ends and returns its decoded result. The task object is destroyed
     /// once it has ended, whatever the outcome, so it does not linger in xapi.
-    pub async fn wait_task(&self, task: &Ref<Task>, wait: TaskWait<'_>) -> Result<Value, XenApiError> {
+    pub async fn wait_task(
+        &self,
+        task: &Ref<Task>,
+        wait: TaskWait<'_>,
+    ) -> Result<Value, XenApiError> {
         let started = Instant::now();
         let mut last_progress = -1.0;
         let mut cancel_sent = false;
@@ -63,7 +67,12 @@ impl XenApiClient {
             TaskStatus::Success => codec::decode_task_result(&record.result)
                 .map_err(|reason| XenApiError::Protocol { method, reason }),
             TaskStatus::Cancelled => Err(task_ended_early(task, &record, timed_out, started)),
-            TaskStatus::Failure if record.error_info.first().is_some_and(|c| c == "TASK_CANCELLED") => {
+            TaskStatus::Failure
+                if record
+                    .error_info
+                    .first()
+                    .is_some_and(|c| c == "TASK_CANCELLED") =>
+            {
                 Err(task_ended_early(task, &record, timed_out, started))
             }
             _ => {
@@ -80,7 +89,12 @@ impl XenApiClient {
     }
 }
 
-fn task_ended_early(task: &Ref<Task>, record: &TaskRecord, timed_out: bool, started: Instant) -> XenApiError {
+fn task_ended_early(
+    task: &Ref<Task>,
+    record: &TaskRecord,
+    timed_out: bool,
+    started: Instant,
+) -> XenApiError {
     if timed_out {
         XenApiError::TaskTimeout {
             task: task.to_string(),

@@ -39,8 +39,9 @@ impl Fingerprint {
             .find_map(|prefix| text.strip_prefix(prefix))
             .unwrap_or(text);
         let digits: String = text.chars().filter(|c| *c != ':').collect();
-        let bytes = hex::decode(&digits)
-            .map_err(|_| "a SHA-256 fingerprint is 64 hex digits, optionally colon-separated".to_string())?;
+        let bytes = hex::decode(&digits).map_err(|_| {
+            "a SHA-256 fingerprint is 64 hex digits, optionally colon-separated".to_string()
+        })?;
         let array: [u8; 32] = bytes
             .try_into()
             .map_err(|_| "a SHA-256 fingerprint is 32 bytes (64 hex digits)".to_string())?;
@@ -86,21 +87,25 @@ pub fn client_config(trust: &TlsTrust) -> Result<Option<rustls::ClientConfig>, S
             .with_no_client_auth(),
         TlsTrust::Pinned(fingerprint) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                fingerprint: *fingerprint,
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                pin: Some(*fingerprint),
                 provider,
             }))
             .with_no_client_auth(),
         TlsTrust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                pin: None,
+                provider,
+            }))
             .with_no_client_auth(),
     };
     Ok(Some(config))
 }
 
 fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
@@ -109,20 +114,24 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
             .map_err(|e| format!("CA file {}: {e}", path.display()))?;
     }
     if roots.is_empty() {
-        return Err(format!("CA file {} holds no PEM certificate", path.display()));
+        return Err(format!(
+            "CA file {} holds no PEM certificate",
+            path.display()
+        ));
     }
     Ok(roots)
 }
 
-/// Accepts exactly one certificate, whatever its issuer and names: the point of pinning a
-/// self-signed host certificate. Handshake signatures are still checked against it.
+/// Accepts exactly one certificate (`pin`), whatever its issuer and names: the point of pinning
+/// a self-signed host certificate. With no pin it accepts any certificate (`xenapi_insecure`).
+/// Handshake signatures are checked against the presented certificate either way.
 #[derive(Debug)]
-struct PinnedCertificate {
-    fingerprint: Fingerprint,
+struct PinVerifier {
+    pin: Option<Fingerprint>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCertificate {
+impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -131,13 +140,15 @@ impl ServerCertVerifier for PinnedCertificate {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pin) = self.pin else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let presented = Fingerprint::of_der(end_entity);
-        if presented == self.fingerprint {
+        if presented == pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "host certificate fingerprint {presented} does not match the pinned {}",
-                self.fingerprint
+                "host certificate fingerprint {presented} does not match the pinned {pin}"
             )))
         }
     }
@@ -148,7 +159,12 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -157,51 +173,18 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-#[derive(Debug)]
-struct AnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -215,7 +198,10 @@ mod tests {
         let plain = "ab".repeat(32);
         assert_eq!(Fingerprint::parse(&colon).unwrap().0, [0xab; 32]);
         assert_eq!(Fingerprint::parse(&plain).unwrap().0, [0xab; 32]);
-        assert_eq!(Fingerprint::parse(&format!("sha256:{plain}")).unwrap().0, [0xab; 32]);
+        assert_eq!(
+            Fingerprint::parse(&format!("sha256:{plain}")).unwrap().0,
+            [0xab; 32]
+        );
         assert_eq!(Fingerprint::parse(&colon).unwrap().to_string(), colon);
         assert!(Fingerprint::parse("abcd").is_err());
         assert!(Fingerprint::parse(&"zz".repeat(32)).is_err());

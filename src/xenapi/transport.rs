@@ -46,7 +46,12 @@ impl HttpTransport {
     }
 
     /// Sends one call and returns the response body of a 200 answer.
-    pub async fn post(&self, url: &reqwest::Url, originator: &str, body: Vec<u8>) -> Result<Vec<u8>, TransportError> {
+    pub async fn post(
+        &self,
+        url: &reqwest::Url,
+        originator: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
         let response = self
             .client
             .post(url.clone())

@@ -44,7 +44,14 @@ impl Sim {
         let call_log = dir.path().join("calls.jsonl");
         let mut command = Command::new(env!("CARGO_BIN_EXE_xenapinfs-sim"));
         command
-            .args(["--listen", "127.0.0.1:0", "--password", SIM_PASSWORD, "--vm-uuid", VM_UUID])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--password",
+                SIM_PASSWORD,
+                "--vm-uuid",
+                VM_UUID,
+            ])
             .arg("--export")
             .arg(&export)
             .arg("--dev-dir")
@@ -66,7 +73,10 @@ impl Sim {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         let url = line.trim().to_string();
-        assert!(url.starts_with("http"), "simulator printed {url:?} instead of its URL");
+        assert!(
+            url.starts_with("http"),
+            "simulator printed {url:?} instead of its URL"
+        );
         let slave_url = options.pool_slave.then(|| {
             let mut line = String::new();
             stdout.read_line(&mut line).unwrap();
@@ -159,10 +169,18 @@ impl Sim {
     }
 
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("already stopped");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-        wait_with_timeout(&mut child, Duration::from_secs(20))
+        terminate(self.child.take().expect("already stopped"))
     }
+}
+
+/// SIGTERM, then wait for the exit.
+pub fn terminate(mut child: Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_with_timeout(&mut child, Duration::from_secs(20))
 }
 
 impl Drop for Sim {
@@ -190,7 +208,11 @@ pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::Ex
 /// Entries of a directory, sorted, for leftover checks.
 pub fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|it| it.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -247,7 +269,10 @@ impl Daemon {
             .unwrap();
         let started = Instant::now();
         while !socket.exists() {
-            assert!(started.elapsed() < Duration::from_secs(10), "xenapinfsd did not create its socket");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "xenapinfsd did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Daemon {
@@ -281,15 +306,16 @@ impl Daemon {
             if status["mode"] != "undecided" {
                 return status;
             }
-            assert!(started.elapsed() < Duration::from_secs(15), "mode never decided: {status}");
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "mode never decided: {status}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("already stopped");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-        wait_with_timeout(&mut child, Duration::from_secs(20))
+        terminate(self.child.take().expect("already stopped"))
     }
 }
 
@@ -315,10 +341,34 @@ impl Sim {
         use xenapinfs::xenapi::{Pbd, Sr, Vbd, Vdi};
         let client = self.client();
         let mut objects = XapiObjects {
-            srs: client.get_all_records::<Sr>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
-            pbds: client.get_all_records::<Pbd>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
-            vbds: client.get_all_records::<Vbd>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
-            vdis: client.get_all_records::<Vdi>().await.unwrap().into_iter().map(|(_, r)| r.uuid).collect(),
+            srs: client
+                .get_all_records::<Sr>()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.uuid)
+                .collect(),
+            pbds: client
+                .get_all_records::<Pbd>()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.uuid)
+                .collect(),
+            vbds: client
+                .get_all_records::<Vbd>()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.uuid)
+                .collect(),
+            vdis: client
+                .get_all_records::<Vdi>()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.uuid)
+                .collect(),
         };
         objects.srs.sort();
         objects.pbds.sort();
