@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod image;
 pub mod jobs;
 pub mod service;
 pub mod sim;
