@@ -447,3 +447,126 @@ mod tls {
         client.connect().await.unwrap();
     }
 }
+
+/// A one-trick HTTP server: answers every request with `status` and `body`.
+fn canned_server(status: &'static str, body: String) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    let mut request = vec![0; length];
+                    let _ = reader.read_exact(&mut request);
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = reader.get_mut().write_all(answer.as_bytes());
+                    length = 0;
+                }
+            }
+        }
+    });
+    url
+}
+
+fn failure_body(code: &str, param: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?><methodResponse><params><param><value><struct><member><name>Status</name><value>Failure</value></member><member><name>ErrorDescription</name><value><array><data><value>{code}</value><value>{param}</value></data></array></value></member></struct></value></param></params></methodResponse>"
+    )
+}
+
+#[tokio::test]
+async fn a_non_xenapi_answer_is_a_protocol_error() {
+    let sim = Sim::plain();
+    let url = canned_server("200 OK", "<html>proxy login page</html>".into());
+    let error = sim
+        .client_with(&url, SIM_PASSWORD, TlsTrust::Insecure)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, XenApiError::Protocol { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn an_http_error_status_is_a_transport_error_with_the_status() {
+    let sim = Sim::plain();
+    let url = canned_server("503 Service Unavailable", "xapi is starting".into());
+    let error = sim
+        .client_with(&url, SIM_PASSWORD, TlsTrust::Insecure)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            XenApiError::Transport {
+                source: TransportError::Status { status: 503, .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn endless_master_redirects_stop_with_a_clear_error() {
+    let sim = Sim::plain();
+    // A "slave" that names another "slave" as the master would redirect forever.
+    let url = canned_server("200 OK", failure_body("HOST_IS_SLAVE", "127.0.0.1"));
+    let error = sim
+        .client_with(&url, SIM_PASSWORD, TlsTrust::Insecure)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, XenApiError::TooManyRedirects { .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_task_that_outlives_its_timeout_is_cancelled_and_reported() {
+    let sim = Sim::plain();
+    let client = sim.client();
+    let (_, vdi) = new_sr_with_vdi(&client, 64 << 20).await;
+    let (target, _) = new_sr_with_vdi(&client, 2 << 20).await;
+    sim.control(
+        "simulator.set_delay",
+        &[string("VDI.copy"), Value::Int(10_000)],
+    )
+    .await;
+    let task = client.vdi_copy_async(&vdi, &target).await.unwrap();
+    let cancel = CancellationToken::new();
+    let error = client
+        .wait_task(
+            &task,
+            TaskWait {
+                poll_interval: Duration::from_millis(100),
+                timeout: Some(Duration::from_millis(500)),
+                cancel: &cancel,
+                on_progress: &mut |_| {},
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, XenApiError::TaskTimeout { .. }), "{error}");
+    let record: SrRecord = client.get_record(&target).await.unwrap();
+    assert_eq!(
+        record.vdis.len(),
+        1,
+        "the timed-out copy must not leave a VDI"
+    );
+}
