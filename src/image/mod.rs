@@ -2,6 +2,7 @@
 //! streaming vhd-tgz importer and exporter, and the qemu-img runner.
 
 mod error;
+pub mod transfer;
 
 use std::fmt;
 use std::str::FromStr;

@@ -33,7 +33,10 @@ pub struct AttachInfo {
     pub device: String,
 }
 
-fn local_vm(mode: Option<&ModeReport>, operation: &'static str) -> Result<Ref<Vm>, VolumeError> {
+pub(super) fn local_vm(
+    mode: Option<&ModeReport>,
+    operation: &'static str,
+) -> Result<Ref<Vm>, VolumeError> {
     match mode {
         None => Err(VolumeError::NotReady(
             "the operating mode is not decided yet".into(),
@@ -63,28 +66,8 @@ impl VolumeManager {
         }
         self.share.volume(id)?;
         let (handle, vdi) = self.open(id).await?;
-        let other_config = [(VBD_TAG.to_string(), id.to_string())]
-            .into_iter()
-            .collect();
-        let vbd = match self
-            .xenapi
-            .vbd_create(&NewVbd {
-                vm: &vm,
-                vdi: &vdi,
-                userdevice: "autodetect",
-                read_only: false,
-                other_config: &other_config,
-            })
-            .await
-        {
-            Ok(vbd) => vbd,
-            Err(e) => {
-                self.close(handle).await;
-                return Err(VolumeError::xenapi(format!("creating a VBD for {id}"))(e));
-            }
-        };
-        match self.plug(&vbd).await {
-            Ok(device) => {
+        match self.plug_vdi(&vm, &vdi, &id.to_string()).await {
+            Ok((vbd, device)) => {
                 info!(volume = %id, device = %device.display(), "volume attached");
                 self.attached.lock().expect("lock poisoned").insert(
                     id,
@@ -101,10 +84,62 @@ impl VolumeManager {
             }
             Err(e) => {
                 let mut cleanup = Cleanup::default();
-                self.remove_vbd(&vbd, &mut cleanup).await;
                 handle.release(&self.xenapi, &mut cleanup).await;
                 Err(e.with_cleanup(cleanup.failures))
             }
+        }
+    }
+
+    /// Creates a VBD of `vdi` on this VM (tagged with `tag`), plugs it read-write and waits for
+    /// its device node. On failure the VBD is gone again.
+    pub(super) async fn plug_vdi(
+        &self,
+        vm: &Ref<Vm>,
+        vdi: &Ref<crate::xenapi::Vdi>,
+        tag: &str,
+    ) -> Result<(Ref<Vbd>, PathBuf), VolumeError> {
+        let other_config = [(VBD_TAG.to_string(), tag.to_string())]
+            .into_iter()
+            .collect();
+        let vbd = self
+            .xenapi
+            .vbd_create(&NewVbd {
+                vm,
+                vdi,
+                userdevice: "autodetect",
+                read_only: false,
+                other_config: &other_config,
+            })
+            .await
+            .map_err(VolumeError::xenapi("creating a VBD on this VM"))?;
+        match self.plug(&vbd).await {
+            Ok(device) => Ok((vbd, device)),
+            Err(e) => {
+                let mut cleanup = Cleanup::default();
+                self.remove_vbd(&vbd, &mut cleanup).await;
+                Err(e.with_cleanup(cleanup.failures))
+            }
+        }
+    }
+
+    /// Flushes the device, then unplugs and destroys the VBD.
+    pub(super) async fn unplug_vdi(
+        &self,
+        vbd: &Ref<Vbd>,
+        device: &Path,
+    ) -> Result<(), VolumeError> {
+        if let Err(e) = flush(device) {
+            warn!(device = %device.display(), error = %e, "flushing the device before unplug failed");
+        }
+        let mut cleanup = Cleanup::default();
+        self.remove_vbd(vbd, &mut cleanup).await;
+        match cleanup.failures.is_empty() {
+            true => Ok(()),
+            false => Err(VolumeError::Conflict(format!(
+                "the disk at {} could not be detached: {}",
+                device.display(),
+                cleanup.failures.join("; ")
+            ))),
         }
     }
 
@@ -142,23 +177,15 @@ impl VolumeManager {
             .ok_or_else(|| {
                 VolumeError::Conflict(format!("volume {id} is not attached to this VM"))
             })?;
-        if let Err(e) = flush(&attachment.device) {
-            warn!(device = %attachment.device.display(), error = %e, "flushing the device before unplug failed");
-        }
-        let mut cleanup = Cleanup::default();
-        self.remove_vbd(&attachment.vbd, &mut cleanup).await;
-        if !cleanup.failures.is_empty() {
+        if let Err(error) = self.unplug_vdi(&attachment.vbd, &attachment.device).await {
             // Still plugged: keep it recorded so a later detach can try again.
-            let error = VolumeError::Conflict(format!(
-                "volume {id} could not be detached: {}",
-                cleanup.failures.join("; ")
-            ));
             self.attached
                 .lock()
                 .expect("lock poisoned")
                 .insert(id, attachment);
             return Err(error);
         }
+        let mut cleanup = Cleanup::default();
         attachment.sr.release(&self.xenapi, &mut cleanup).await;
         info!(volume = %id, "volume detached");
         Ok(())
