@@ -2,11 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
+
+/// A request body streamed to the daemon.
+pub type UploadBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Why a request to the daemon failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +52,26 @@ impl ApiClient {
     }
 
     /// Sends one request on a fresh connection and returns the response, body unread.
-    async fn send(
+    pub async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<serde_json::Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = Full::new(Bytes::from(payload))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        self.send_body(method, path, "application/json", body).await
+    }
+
+    /// Sends a request with any body (e.g. an image being uploaded).
+    pub async fn send_body(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: UploadBody,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -65,13 +84,12 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         tokio::spawn(connection);
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "xenapinfsd")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(payload)))
+            .header("content-type", content_type)
+            .body(body)
             .map_err(|e| ClientError::Http(e.to_string()))?;
         sender
             .send_request(request)
@@ -86,6 +104,13 @@ impl ApiClient {
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
         let response = self.send(method, path, body).await?;
+        Self::decode(response).await
+    }
+
+    /// Reads a JSON answer, or the API's error shape.
+    pub async fn decode<T: DeserializeOwned>(
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<T, ClientError> {
         let status = response.status();
         let bytes = response
             .into_body()

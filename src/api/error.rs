@@ -49,6 +49,7 @@ impl From<VolumeError> for ApiError {
             "not_found" => StatusCode::NOT_FOUND,
             "conflict" | "wrong_mode" | "cancelled" => StatusCode::CONFLICT,
             "not_ready" => StatusCode::SERVICE_UNAVAILABLE,
+            "image_refused" => StatusCode::UNPROCESSABLE_ENTITY,
             "xenapi" => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -1,5 +1,6 @@
 //! The `xenapinfs` command line: talks to `xenapinfsd` over its socket.
 
+mod images;
 mod output;
 
 use std::io::{IsTerminal, Write};
@@ -10,6 +11,7 @@ use serde_json::json;
 
 use crate::api::client::{ApiClient, ClientError};
 use crate::api::{CopyRequest, Deleted, StatusReport};
+use crate::image::ImageFormat;
 use crate::jobs::{Job, JobState};
 use crate::volume::{ConnectionInfo, Stats, Volume, VolumeId};
 
@@ -58,15 +60,40 @@ pub struct Wait {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a volume: a new NFS SR with one VDI.
+    /// Create a volume: a new NFS SR with one VDI, optionally filled from an image.
     Create {
-        /// Size in GiB.
-        #[arg(long)]
-        size: u64,
+        /// Size in GiB (from the image when --image is given without it).
+        #[arg(long, required_unless_present = "image")]
+        size: Option<u64>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
         description: Option<String>,
+        /// Image to fill the volume with: a file, `-` for stdin, or an http(s) URL.
+        #[arg(long)]
+        image: Option<String>,
+        #[command(flatten)]
+        image_options: ImageOptions,
+    },
+    /// Overwrite a volume with an image (the old content stays until the import has succeeded).
+    Import {
+        id: VolumeId,
+        /// A file, `-` for stdin, or an http(s) URL.
+        src: String,
+        #[command(flatten)]
+        image_options: ImageOptions,
+    },
+    /// Write a volume out as an image.
+    Export {
+        id: VolumeId,
+        /// A file, `-` for stdout, or an http(s) URL (PUT).
+        dest: String,
+        /// vhd-tgz, vhd, qcow2, vmdk or raw.
+        #[arg(long)]
+        format: ImageFormat,
+        /// Extra HTTP header for a URL, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Delete a volume and its SR.
     Delete { id: VolumeId },
@@ -114,6 +141,17 @@ pub enum VolumeCommand {
     Attach { id: VolumeId },
     /// Detach the volume from this VM.
     Detach { id: VolumeId },
+}
+
+#[derive(Debug, Args)]
+pub struct ImageOptions {
+    /// vhd-tgz, vhd, qcow2, vmdk, vdi, vhdx or raw; detected from the content when absent,
+    /// and a mismatch is refused.
+    #[arg(long)]
+    pub image_format: Option<ImageFormat>,
+    /// Extra HTTP header for a URL source, `Name: value` (repeatable), e.g. `X-Auth-Token: ...`.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,10 +215,72 @@ async fn volume(
             size,
             name,
             description,
+            image: None,
+            ..
         } => {
             let body = json!({"size_gb": size, "name": name.unwrap_or_default(), "description": description.unwrap_or_default()});
             let volume: Volume = client.request("POST", "/v1/volumes", Some(body)).await?;
             output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Create {
+            size,
+            name,
+            description,
+            image: Some(image),
+            image_options,
+        } => {
+            let mut query = vec![
+                format!("name={}", encode(&name.unwrap_or_default())),
+                format!("description={}", encode(&description.unwrap_or_default())),
+            ];
+            query.extend(size.map(|size| format!("size_gb={size}")));
+            query.extend(image_options.image_format.map(|f| format!("format={f}")));
+            let path = format!("/v1/volumes/import?{}", query.join("&"));
+            let job = images::send_image(
+                client,
+                &path,
+                &images::Location::parse(&image),
+                &image_options.headers,
+                json,
+            )
+            .await?;
+            let volume: Volume = serde_json::from_value(finished(job)?)
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Import {
+            id,
+            src,
+            image_options,
+        } => {
+            let query = image_options
+                .image_format
+                .map(|f| format!("?format={f}"))
+                .unwrap_or_default();
+            let path = format!("{}/import{query}", path(&id));
+            let job = images::send_image(
+                client,
+                &path,
+                &images::Location::parse(&src),
+                &image_options.headers,
+                json,
+            )
+            .await?;
+            let volume: Volume = serde_json::from_value(finished(job)?)
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            output::emit(out, json, &volume, output::volume);
+        }
+        VolumeCommand::Export {
+            id,
+            dest,
+            format,
+            headers,
+        } => {
+            let destination = images::Location::parse(&dest);
+            let bytes =
+                images::receive_image(client, &path(&id), format, &destination, &headers, json)
+                    .await?;
+            images::report_export(out, json, &destination, format, bytes);
         }
         VolumeCommand::Delete { id } => {
             let deleted: Deleted = client.request("DELETE", &path(&id), None).await?;
@@ -301,28 +401,38 @@ async fn copy(
         output::emit(out, json, &job, output::job);
         return Ok(());
     }
-    let finished = follow(client, &job, json).await?;
-    match finished.state {
-        JobState::Succeeded => {
-            let volume: Volume = serde_json::from_value(finished.result.unwrap_or_default())
-                .map_err(|e| ClientError::Decode(e.to_string()))?;
-            output::emit(out, json, &volume, output::volume);
-            Ok(())
-        }
-        _ => Err(ClientError::Api {
+    let job = follow(client, &job, json).await?;
+    let volume: Volume =
+        serde_json::from_value(finished(job)?).map_err(|e| ClientError::Decode(e.to_string()))?;
+    output::emit(out, json, &volume, output::volume);
+    Ok(())
+}
+
+/// The result of a finished job, or its failure as an error.
+fn finished(job: Job) -> Result<serde_json::Value, ClientError> {
+    match job.state {
+        JobState::Succeeded => Ok(job.result.unwrap_or_default()),
+        state => Err(ClientError::Api {
             status: 0,
-            kind: finished
+            kind: job
                 .error
                 .as_ref()
                 .map_or("failed".into(), |e| e.kind.clone()),
-            message: format!(
-                "job {} {}: {}",
-                finished.id,
-                state_word(finished.state),
-                finished.message
-            ),
+            message: format!("job {} {}: {}", job.id, state_word(state), job.message),
         }),
     }
+}
+
+/// Percent-encodes a query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn state_word(state: JobState) -> &'static str {

@@ -13,7 +13,10 @@ pub enum ImageError {
     Refused(String),
     /// The content is not the format the caller declared.
     #[error("image refused: declared as {declared} but the content is {detected}")]
-    Mismatch { declared: ImageFormat, detected: ImageFormat },
+    Mismatch {
+        declared: ImageFormat,
+        detected: ImageFormat,
+    },
     /// Something is larger than allowed (the target volume, a member, the total).
     #[error("image refused: {what} is {size} bytes, more than the {limit} allowed")]
     TooLarge { what: String, size: u64, limit: u64 },
@@ -28,7 +31,11 @@ pub enum ImageError {
     },
     /// qemu-img failed; its own message is kept.
     #[error("{command} failed ({status}): {stderr}")]
-    Qemu { command: String, status: String, stderr: String },
+    Qemu {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -48,8 +55,10 @@ impl ImageError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            ImageError::Refused(_) | ImageError::Mismatch { .. } | ImageError::TooLarge { .. } | ImageError::Vhd(_)
+            ImageError::Refused(_)
+                | ImageError::Mismatch { .. }
+                | ImageError::TooLarge { .. }
+                | ImageError::Vhd(_)
         )
     }
 }
-

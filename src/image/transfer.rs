@@ -160,10 +160,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
+/// One piece of a streamed image: bytes, or the error that ended the stream early (so a reader
+/// never takes a truncated image for a complete one).
+pub type Chunk = Result<Bytes, std::io::Error>;
+
 /// A blocking writer whose bytes come out of an async channel: lets synchronous encoders
 /// (tar, gzip) feed an HTTP body without holding the whole output.
 pub struct ChannelWriter {
-    sender: mpsc::Sender<Bytes>,
+    sender: mpsc::Sender<Chunk>,
     buffer: Vec<u8>,
 }
 
@@ -171,7 +175,7 @@ pub struct ChannelWriter {
 const CHUNK: usize = 1 << 20;
 
 impl ChannelWriter {
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Bytes>) {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Chunk>) {
         let (sender, receiver) = mpsc::channel(capacity);
         (
             ChannelWriter {
@@ -182,6 +186,14 @@ impl ChannelWriter {
         )
     }
 
+    /// Ends the stream with an error instead of a clean end.
+    pub fn fail(mut self, message: String) {
+        self.buffer.clear();
+        let _ = self
+            .sender
+            .blocking_send(Err(std::io::Error::other(message)));
+    }
+
     fn send_buffer(&mut self) -> std::io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
@@ -190,7 +202,7 @@ impl ChannelWriter {
             &mut self.buffer,
             Vec::with_capacity(CHUNK),
         ));
-        self.sender.blocking_send(chunk).map_err(|_| {
+        self.sender.blocking_send(Ok(chunk)).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the receiver went away")
         })
     }
@@ -214,6 +226,15 @@ impl Drop for ChannelWriter {
     fn drop(&mut self) {
         let _ = self.send_buffer();
     }
+}
+
+/// The chunks of a channel as a stream (for HTTP bodies).
+pub fn chunk_stream(
+    receiver: mpsc::Receiver<Chunk>,
+) -> impl futures_util::Stream<Item = Chunk> + Send + 'static {
+    futures_util::stream::unfold(receiver, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    })
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ pub enum VolumeError {
     },
     #[error("{0}")]
     Vhd(#[from] crate::vhd::VhdError),
+    /// An image was refused or could not be converted.
+    #[error("{0}")]
+    Image(crate::image::ImageError),
     #[error("cancelled")]
     Cancelled,
     /// The operation failed and so did part of the clean-up; both are reported.
@@ -80,6 +83,8 @@ impl VolumeError {
             VolumeError::XenApi { .. } => "xenapi",
             VolumeError::Io { .. } => "io",
             VolumeError::Vhd(_) => "vhd",
+            VolumeError::Image(e) if e.is_refusal() => "image_refused",
+            VolumeError::Image(_) => "image",
             VolumeError::Cancelled => "cancelled",
             VolumeError::CleanupFailed { error, .. } => error.kind(),
         }

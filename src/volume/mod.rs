@@ -99,6 +99,7 @@ pub struct VolumeManager {
     nfs_server: String,
     nfs_serverpath: String,
     device_dir: PathBuf,
+    qemu_img: PathBuf,
     locks: locks::LockTable,
     host: OnceCell<Ref<Host>>,
     /// VBD plug/unplug on our VM, one at a time (xapi has had races there).
@@ -114,6 +115,7 @@ impl VolumeManager {
             nfs_server: settings.nfs_server.clone(),
             nfs_serverpath: settings.nfs_serverpath.clone(),
             device_dir: settings.device_dir.clone(),
+            qemu_img: settings.qemu_img.clone(),
             locks: locks::LockTable::default(),
             host: OnceCell::new(),
             vbd_gate: tokio::sync::Mutex::new(()),
