@@ -4,105 +4,12 @@
 mod support;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::process::Command;
 
 use serde_json::Value;
-use support::{Daemon, Sim, XapiObjects, daemon_config};
+use support::{World, raw_content, s};
 use xenapinfs::xenapi::codec::Value as Xml;
 
 const GIB: u64 = 1 << 30;
-
-struct World {
-    sim: Sim,
-    daemon: Daemon,
-    baseline: XapiObjects,
-}
-
-impl World {
-    async fn start() -> World {
-        Self::start_with("").await
-    }
-
-    async fn start_with(extra_config: &str) -> World {
-        let sim = Sim::plain();
-        let baseline = sim.objects().await;
-        let daemon = Daemon::start(&daemon_config(&sim, extra_config));
-        daemon.settled_status();
-        World {
-            sim,
-            daemon,
-            baseline,
-        }
-    }
-
-    /// Runs the CLI with `--json`; panics with stderr if it fails.
-    fn ok(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let (ok, out, err) = self.daemon.cli(&all);
-        assert!(ok, "xenapinfs {args:?} failed: {err}");
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("xenapinfs {args:?} printed non-JSON ({e}): {out}"))
-    }
-
-    /// Runs the CLI expecting failure; returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let (ok, out, err) = self.daemon.cli(args);
-        assert!(
-            !ok,
-            "xenapinfs {args:?} should have failed but printed {out}"
-        );
-        err
-    }
-
-    fn create(&self, size_gb: u64, name: &str) -> String {
-        let volume = self.ok(&[
-            "volume",
-            "create",
-            "--size",
-            &size_gb.to_string(),
-            "--name",
-            name,
-        ]);
-        volume["id"].as_str().unwrap().to_string()
-    }
-
-    /// Nothing introduced in xapi beyond what was there before the daemon started.
-    async fn assert_xapi_clean(&self) {
-        let now = self.sim.objects().await;
-        assert_eq!(now.srs, self.baseline.srs, "SRs left introduced in xapi");
-        assert_eq!(now.pbds, self.baseline.pbds, "PBDs left in xapi");
-        assert_eq!(now.vbds, self.baseline.vbds, "VBDs left in xapi");
-    }
-
-    fn vhd(&self, id: &str) -> std::path::PathBuf {
-        let (sr, vdi) = id.split_once('/').unwrap();
-        self.sim.export.join(sr).join(format!("{vdi}.vhd"))
-    }
-
-    async fn control(&self, method: &str, params: &[Xml]) {
-        self.sim.control(method, params).await;
-    }
-}
-
-fn s(text: &str) -> Xml {
-    Xml::String(text.to_string())
-}
-
-/// The raw content of a VHD, as an independent reader (qemu-img) sees it.
-fn raw_content(vhd: &std::path::Path) -> Vec<u8> {
-    let out = vhd.with_extension("raw-check");
-    let status = Command::new("qemu-img")
-        .args(["convert", "-f", "vpc", "-O", "raw"])
-        .arg(vhd)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    bytes
-}
 
 #[tokio::test]
 async fn create_show_list_delete() {

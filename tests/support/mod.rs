@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value as Json;
+use xenapinfs::xenapi::codec::Value as Xml;
 use xenapinfs::xenapi::codec::{self, Decoded, Value};
 use xenapinfs::xenapi::{ClientSettings, Password, TlsTrust, TransportSettings, XenApiClient};
 
@@ -382,4 +384,194 @@ impl Sim {
     pub fn sr_dirs(&self) -> Vec<String> {
         entries(&self.export)
     }
+}
+
+/// The simulator and a daemon using it, with the XenAPI state from before the daemon started.
+pub struct World {
+    pub sim: Sim,
+    pub daemon: Daemon,
+    pub baseline: XapiObjects,
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(extra_config: &str) -> World {
+        let sim = Sim::plain();
+        let baseline = sim.objects().await;
+        let daemon = Daemon::start(&daemon_config(&sim, extra_config));
+        daemon.settled_status();
+        World {
+            sim,
+            daemon,
+            baseline,
+        }
+    }
+
+    /// Runs the CLI with `--json`; panics with stderr if it fails.
+    pub fn ok(&self, args: &[&str]) -> Json {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (ok, out, err) = self.daemon.cli(&all);
+        assert!(ok, "xenapinfs {args:?} failed: {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("xenapinfs {args:?} printed non-JSON ({e}): {out}"))
+    }
+
+    /// Runs the CLI expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.daemon.cli(args);
+        assert!(
+            !ok,
+            "xenapinfs {args:?} should have failed but printed {out}"
+        );
+        err
+    }
+
+    pub fn create(&self, size_gb: u64, name: &str) -> String {
+        let volume = self.ok(&[
+            "volume",
+            "create",
+            "--size",
+            &size_gb.to_string(),
+            "--name",
+            name,
+        ]);
+        volume["id"].as_str().unwrap().to_string()
+    }
+
+    /// Nothing introduced in xapi beyond what was there before the daemon started.
+    pub async fn assert_xapi_clean(&self) {
+        let now = self.sim.objects().await;
+        assert_eq!(now.srs, self.baseline.srs, "SRs left introduced in xapi");
+        assert_eq!(now.pbds, self.baseline.pbds, "PBDs left in xapi");
+        assert_eq!(now.vbds, self.baseline.vbds, "VBDs left in xapi");
+    }
+
+    pub fn vhd(&self, id: &str) -> std::path::PathBuf {
+        let (sr, vdi) = id.split_once('/').unwrap();
+        self.sim.export.join(sr).join(format!("{vdi}.vhd"))
+    }
+
+    pub async fn control(&self, method: &str, params: &[Xml]) {
+        self.sim.control(method, params).await;
+    }
+}
+
+pub fn s(text: &str) -> Xml {
+    Xml::String(text.to_string())
+}
+
+/// The raw content of a VHD, as an independent reader (qemu-img) sees it.
+pub fn raw_content(vhd: &std::path::Path) -> Vec<u8> {
+    let out = vhd.with_extension("raw-check");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(vhd)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    bytes
+}
+
+/// Runs qemu-img with `args`; panics with its stderr on failure.
+pub fn qemu_img(args: &[&str]) {
+    let output = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A raw disk image of `size` bytes with recognisable data in a few places (and holes).
+pub fn patterned_raw(path: &Path, size: u64) -> Vec<u8> {
+    let mut content = vec![0u8; size as usize];
+    for (start, length) in [
+        (0usize, 4096usize),
+        (3 << 20, 1 << 20),
+        ((size as usize) - 8192, 8192),
+    ] {
+        for (i, byte) in content[start..start + length].iter_mut().enumerate() {
+            *byte = ((i * 7 + start / 4096) % 253) as u8 + 1;
+        }
+    }
+    std::fs::write(path, &content).unwrap();
+    content
+}
+
+/// Files and directories the agent stages on the share; none may outlive an operation.
+pub fn staging_leftovers(export: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![export.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".xenapinfs-")
+                || name.ends_with(".tmp")
+                || name.ends_with(".partial")
+            {
+                found.push(path.clone());
+            }
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// An HTTP server for image URLs: GET serves files from `dir`, PUT stores into it; both want
+/// the header `X-Auth-Token: <token>`.
+pub async fn image_server(dir: PathBuf, token: &'static str) -> String {
+    use axum::body::Bytes;
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::get;
+    type Shared = std::sync::Arc<PathBuf>;
+    fn allowed(headers: &HeaderMap, token: &str) -> bool {
+        headers.get("x-auth-token").and_then(|v| v.to_str().ok()) == Some(token)
+    }
+    let app = axum::Router::new()
+        .route(
+            "/images/{name}",
+            get(
+                move |State(dir): State<Shared>,
+                      UrlPath(name): UrlPath<String>,
+                      headers: HeaderMap| async move {
+                    if !allowed(&headers, token) {
+                        return Err(StatusCode::UNAUTHORIZED);
+                    }
+                    std::fs::read(dir.join(name)).map_err(|_| StatusCode::NOT_FOUND)
+                },
+            )
+            .put(
+                move |State(dir): State<Shared>,
+                      UrlPath(name): UrlPath<String>,
+                      headers: HeaderMap,
+                      body: Bytes| async move {
+                    if !allowed(&headers, token) {
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    std::fs::write(dir.join(name), &body).unwrap();
+                    StatusCode::CREATED
+                },
+            ),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(std::sync::Arc::new(dir));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/images/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
 }
