@@ -6,6 +6,7 @@
 mod auth;
 pub mod client;
 mod error;
+mod images;
 mod jobs;
 mod status;
 mod volumes;
@@ -34,6 +35,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status::status))
         .route("/v1/stats", get(volumes::stats))
         .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route("/v1/volumes/import", post(images::create))
         .route(volume, get(volumes::show).delete(volumes::delete))
         .route(&format!("{volume}/extend"), post(volumes::extend))
         .route(&format!("{volume}/connection"), get(volumes::connection))
@@ -42,6 +44,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(
             &format!("{volume}/from-snapshot"),
             post(volumes::from_snapshot),
+        )
+        .route(&format!("{volume}/import"), post(images::import))
+        .route(
+            &format!("{volume}/export"),
+            get(images::export).post(images::export_url),
         )
         .route(&format!("{volume}/attach"), post(volumes::attach))
         .route(&format!("{volume}/detach"), post(volumes::detach))

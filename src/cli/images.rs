@@ -14,6 +14,9 @@ use crate::image::ImageFormat;
 use crate::image::transfer::Counting;
 use crate::jobs::Job;
 
+/// Where a download is written.
+type Sink = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
 /// Where image bytes come from or go to, as written on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
@@ -165,10 +168,7 @@ pub async fn receive_image(
         ApiClient::decode::<serde_json::Value>(response).await?;
         unreachable!("decode fails on an error status");
     }
-    let (mut sink, partial): (
-        std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
-        Option<(PathBuf, PathBuf)>,
-    ) = match destination {
+    let (mut sink, partial): (Sink, Option<(PathBuf, PathBuf)>) = match destination {
         Location::File(path) => {
             let temporary = path.with_file_name(format!(
                 ".{}.partial",

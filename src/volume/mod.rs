@@ -7,6 +7,7 @@ mod attach;
 mod copy;
 mod error;
 pub mod id;
+pub mod images;
 mod locks;
 pub mod share;
 mod sr;
@@ -26,6 +27,7 @@ pub use attach::{AttachInfo, Attachment};
 pub use copy::CopyKind;
 pub use error::VolumeError;
 pub use id::VolumeId;
+pub use images::ImageSource;
 pub use share::{Metadata, Share, Volume};
 use sr::{Cleanup, SrHandle};
 

@@ -575,3 +575,27 @@ pub async fn image_server(dir: PathBuf, token: &'static str) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
 }
+
+/// Asserts that the disk in `vhd` holds `raw`'s bytes followed by zeros, as qemu-img sees it
+/// (`qemu-img compare` treats the larger disk's excess as zeros, without writing anything).
+pub fn assert_same_disk(raw: &Path, vhd: &Path, what: &str) {
+    assert_same_image(raw, vhd, "vpc", what);
+}
+
+/// Asserts that the image `image` (qemu driver `driver`) holds `raw`'s bytes followed by zeros.
+pub fn assert_same_image(raw: &Path, image: &Path, driver: &str, what: &str) {
+    let output = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", driver])
+        .arg(raw)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{what}: {} differs from {}: {}{}",
+        image.display(),
+        raw.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
