@@ -2,6 +2,10 @@
 //! streaming vhd-tgz importer and exporter, and the qemu-img runner.
 
 mod error;
+pub mod formats;
+pub mod inspect;
+pub mod qemu;
+pub mod tgz;
 pub mod transfer;
 
 use std::fmt;

@@ -100,13 +100,9 @@ pub async fn download(spec: &UrlSpec) -> Result<(Body, Option<u64>), ImageError>
 }
 
 /// PUTs the bytes arriving on `chunks` to `spec`.
-pub async fn upload(spec: &UrlSpec, chunks: mpsc::Receiver<Bytes>) -> Result<(), ImageError> {
+pub async fn upload(spec: &UrlSpec, chunks: mpsc::Receiver<Chunk>) -> Result<(), ImageError> {
     let (url, headers) = spec.validate().map_err(ImageError::Refused)?;
-    let stream = futures_util::stream::unfold(chunks, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, std::io::Error>(chunk), rx))
-    });
+    let stream = chunk_stream(chunks);
     let response = http_client()?
         .put(url)
         .headers(headers)

@@ -1,0 +1,99 @@
+//! XenServer's "vhd tgz" image format: a gzipped tar of a VHD chain, `0.vhd` the leaf, `1.vhd`
+//! its parent, and so on down to the base.
+//!
+//! [`import_tgz`] treats the tarball as hostile: it never unpacks through the tar crate, never
+//! seeks, accepts only regular files with strict names, bounds every size before reading the
+//! data (tar headers and PAX records, each member, the total, the padding after the archive),
+//! validates each VHD as soon as it is complete, and checks the chain links on the uuids found
+//! in the archive before giving the files fresh uuids and XenServer's parent locators.
+//!
+//! [`export_tgz`] writes the chain as `0.vhd` .. `N.vhd` in ONE gzip member whose deflate
+//! stream is compressed in chunks by worker threads (as pigz does: each chunk ends on a byte
+//! boundary with a sync flush and is primed with the previous chunk's last 32 KiB), because
+//! Python's tarfile in stream mode (`r|gz`) stops after the first member of a multi-member gzip.
+
+mod export;
+mod import;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::ImageError;
+use crate::vhd::{BLOCK_SIZE, MAX_CHAIN_DEPTH, VhdInfo};
+
+/// What an imported tarball may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TgzLimits {
+    /// Largest virtual size of any VHD in the chain (the leaf's is the volume's size).
+    pub max_virtual_size: u64,
+    /// Most VHD members (the chain depth); SM's limit is [`MAX_CHAIN_DEPTH`].
+    pub max_members: usize,
+}
+
+impl TgzLimits {
+    /// Limits for a volume of at most `max_virtual_size` bytes and SM's chain depth.
+    pub fn new(max_virtual_size: u64) -> TgzLimits {
+        TgzLimits {
+            max_virtual_size,
+            max_members: MAX_CHAIN_DEPTH,
+        }
+    }
+}
+
+/// The result of a successful import: every file is inside the staging directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportedChain {
+    /// `<staging>/<leaf_uuid>.vhd`.
+    pub leaf: PathBuf,
+    /// Leaf first, base last; each `<staging>/<uuid>.vhd` with its final metadata.
+    pub files: Vec<(PathBuf, VhdInfo)>,
+    /// The leaf's virtual size.
+    pub virtual_size: u64,
+}
+
+/// Largest file a VHD of `virtual_size` bytes may be: the data itself, per 2 MiB block one
+/// sector bitmap plus XenServer's padding to a 4 KiB data boundary, and a fixed allowance for
+/// the footers, the header, the largest BAT [`crate::vhd::inspect`] accepts (8 MiB), the
+/// batmap and the parent locators.
+pub fn max_vhd_file_size(virtual_size: u64) -> u64 {
+    const PER_BLOCK: u64 = 4096;
+    const FIXED: u64 = 16 << 20;
+    virtual_size
+        .saturating_add(virtual_size.div_ceil(BLOCK_SIZE).saturating_mul(PER_BLOCK))
+        .saturating_add(FIXED)
+}
+
+/// Streams a vhd-tgz from `src` (one pass, never seeking) into `staging`, an empty directory
+/// the caller made inside the SR directory, validating as it goes; then renames every file to
+/// a fresh `<uuid>.vhd` (the leaf takes `leaf_uuid`), rewrites uuids and parent links, marks
+/// the parents hidden and the leaf not hidden, and checks the final chain.
+///
+/// `progress(compressed_bytes_read)` is called as the import goes; returning false cancels
+/// with [`ImageError::Cancelled`]. On any error the caller removes `staging`.
+pub fn import_tgz(
+    src: &mut dyn Read,
+    staging: &Path,
+    leaf_uuid: Uuid,
+    limits: &TgzLimits,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> Result<ImportedChain, ImageError> {
+    import::run(src, staging, leaf_uuid, limits, progress)
+}
+
+/// Writes the chain (`chain[0]` the leaf, each next file its parent) as a vhd-tgz to `out`:
+/// members `0.vhd` .. `N.vhd`, regular files with mode 0644, gzip-compressed by `threads`
+/// workers into a single gzip member. Returns the compressed bytes written. `progress(uncompressed
+/// bytes done)` is called as it goes; returning false cancels with [`ImageError::Cancelled`].
+pub fn export_tgz(
+    chain: &[PathBuf],
+    out: &mut dyn Write,
+    threads: usize,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> Result<u64, ImageError> {
+    export::run(chain, out, threads, progress)
+}
