@@ -173,7 +173,8 @@ fn the_cli_says_clearly_when_the_daemon_is_not_running() {
 async fn the_daemon_core_runs_in_process_and_stops_on_its_token() {
     let sim = Sim::plain();
     let settings = xenapinfs::config::load(&daemon_config(&sim, ""), None).unwrap();
-    let listener = xenapinfs::service::bind_socket(&settings.socket).unwrap();
+    let listener =
+        xenapinfs::service::bind_socket(&settings.socket, &settings.socket_group).unwrap();
     let client = xenapinfs::api::client::ApiClient::new(&settings.socket);
     let agent = Arc::new(xenapinfs::service::Agent::new(settings).unwrap());
     let shutdown = CancellationToken::new();

@@ -86,7 +86,10 @@ fn serve(args: Args, settings: config::Settings) -> anyhow::Result<()> {
     runtime.block_on(async {
         let (listener, activated) = match service::activated_socket()? {
             Some(listener) => (listener, true),
-            None => (service::bind_socket(&settings.socket)?, false),
+            None => (
+                service::bind_socket(&settings.socket, &settings.socket_group)?,
+                false,
+            ),
         };
         let socket = settings.socket.clone();
         let agent = Arc::new(Agent::new(settings)?);

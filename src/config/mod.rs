@@ -290,8 +290,18 @@ fn password(
         )),
         (Some(secret), None) => Ok(Password::new(secret.clone())),
         (None, Some(file)) => read_secret("xenapi_connection_password_file", file),
+        // The unit gives the credential an empty default (systemd refuses to start when a
+        // credential file is missing), so an empty credential means "not given".
         (None, None) => match credentials_dir.map(|dir| dir.join(PASSWORD_CREDENTIAL)) {
-            Some(file) if file.exists() => read_secret("xenapi_connection_password", &file),
+            Some(file) if file.exists() => {
+                match read_secret("xenapi_connection_password", &file)? {
+                    secret if secret.expose().is_empty() => Err(ConfigError::Missing {
+                        path: path.to_path_buf(),
+                        key: "xenapi_connection_password",
+                    }),
+                    secret => Ok(secret),
+                }
+            }
             _ => Err(ConfigError::Missing {
                 path: path.to_path_buf(),
                 key: "xenapi_connection_password",

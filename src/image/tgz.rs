@@ -1,11 +1,34 @@
 //! XenServer's "vhd tgz" image format: a gzipped tar of a VHD chain, `0.vhd` the leaf, `1.vhd`
 //! its parent, and so on down to the base.
 //!
-//! [`import_tgz`] treats the tarball as hostile: it never unpacks through the tar crate, never
-//! seeks, accepts only regular files with strict names, bounds every size before reading the
-//! data (tar headers and PAX records, each member, the total, the padding after the archive),
-//! validates each VHD as soon as it is complete, and checks the chain links on the uuids found
-//! in the archive before giving the files fresh uuids and XenServer's parent locators.
+//! [`import_tgz`] treats the tarball as hostile input. It never unpacks through the tar crate
+//! and never seeks; it reads the stream once and refuses, naming the member and the rule:
+//!
+//! * anything but regular files (links, devices, FIFOs, directories other than a leading
+//!   `./`, contiguous and sparse files, GNU long link names), absolute paths, `..`, any `/`
+//!   past a leading `./`, NUL and control characters, names over 255 bytes;
+//! * names other than `N.vhd` (decimal, no leading zero), the legacy `snap.vhd`, `image.vhd`,
+//!   `base.vhd` (renamed to 0, 1, 2 in that order for those present, as Nova did) or a single
+//!   other `*.vhd` (taken as `0.vhd` only when it is the only member); `swap.vhd` and non-VHD
+//!   files; duplicates, also after the legacy renaming; gaps; more than `max_members`; no
+//!   member at all;
+//! * a member larger than [`max_vhd_file_size`] of `max_virtual_size` (checked on the tar
+//!   header, before its data is inflated), more than 1 MiB of tar headers, long names and PAX
+//!   records before a member (the tar crate would buffer a PAX record of any size), more than
+//!   1 MiB of zero padding after the end-of-archive marker, data after it, a missing end
+//!   marker, a truncated or corrupt gzip or tar stream;
+//! * a VHD that fails [`crate::vhd::inspect`] or [`crate::vhd::check`] (run on each member as
+//!   soon as it is complete; on a differencing disk once its parent is there too), whose
+//!   block size is not 2 MiB, whose virtual size is over `max_virtual_size`, or whose file is
+//!   larger than a VHD of its virtual size can be;
+//! * on the uuids found in the archive: a member followed by another that is not a
+//!   differencing disk, a parent uuid that is not the next member's uuid, an all-zero parent
+//!   uuid (blktap's "raw parent"), a child smaller than its parent, a base that is
+//!   differencing, the same uuid twice (loops), a hidden leaf.
+//!
+//! Then every file gets a fresh `<uuid>.vhd` name and uuid, XenServer's parent name and
+//! locators, hidden flags (parents hidden, leaf not), and the chain is opened and checked
+//! again from its new names.
 //!
 //! [`export_tgz`] writes the chain as `0.vhd` .. `N.vhd` in ONE gzip member whose deflate
 //! stream is compressed in chunks by worker threads (as pigz does: each chunk ends on a byte

@@ -360,8 +360,9 @@ pub fn activated_socket() -> Result<Option<UnixListener>, ServiceError> {
 }
 
 /// Binds the control socket at its configured path: a stale socket file is replaced, the
-/// directory is created, and the socket is made group-accessible (0660).
-pub fn bind_socket(path: &std::path::Path) -> Result<UnixListener, ServiceError> {
+/// directory is created, and the socket is made accessible to `group` only (0660). A group
+/// that does not exist leaves the socket to root and the daemon's user.
+pub fn bind_socket(path: &std::path::Path, group: &str) -> Result<UnixListener, ServiceError> {
     use std::os::unix::fs::PermissionsExt;
     let failed = |source| ServiceError::Socket {
         path: path.to_path_buf(),
@@ -376,5 +377,14 @@ pub fn bind_socket(path: &std::path::Path) -> Result<UnixListener, ServiceError>
     }
     let listener = UnixListener::bind(path).map_err(failed)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(failed)?;
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(group)) => {
+            nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| failed(e.into()))?;
+        }
+        _ => warn!(
+            group,
+            "the socket group does not exist; only root can use the socket"
+        ),
+    }
     Ok(listener)
 }

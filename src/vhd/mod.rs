@@ -30,7 +30,7 @@ pub use chain::{Chain, ChainReader};
 pub use check::check;
 pub use copy::{copy_flattened, write_dynamic_from};
 pub use error::VhdError;
-pub use modify::{grow, set_hidden, set_parent, set_uuid};
+pub use modify::{grow, make_child_of, set_hidden, set_parent, set_uuid};
 
 use image::{Access, Image};
 use writer::NewImage;

@@ -65,6 +65,29 @@ fn canonical_dir(p: &Path) -> Result<PathBuf, VhdError> {
     fs::canonicalize(dir).map_err(|e| VhdError::io(dir, "resolving directory", e))
 }
 
+/// Turns the dynamic disk `child` into a differencing child of `parent` (same directory):
+/// blocks `child` holds shadow the parent's, the rest read through. This is how a chain is
+/// built from layers written with [`super::write_dynamic_from`].
+pub fn make_child_of(child: &Path, parent: &Path) -> Result<(), VhdError> {
+    {
+        let img = Image::open(child, Access::Write)?;
+        if img.disk_type() != DiskType::Dynamic {
+            return Err(VhdError::argument(
+                child,
+                format!(
+                    "is a {} disk; only a dynamic disk can become a child",
+                    img.disk_type()
+                ),
+            ));
+        }
+        let mut footer = img.footer.clone();
+        footer.disk_type = 4;
+        footer.seal();
+        write_footers(&img, &footer)?;
+    }
+    set_parent(child, parent)
+}
+
 /// Re-parent the differencing disk `child` onto `parent`, which must be in the same
 /// directory: header parent UUID = parent footer UUID, parent name = the parent's file name,
 /// parent timestamp = parent mtime, and exactly XenServer's three locators (MacX

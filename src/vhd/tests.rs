@@ -1446,3 +1446,57 @@ fn bench_against_qemu() {
         }
     }
 }
+
+#[test]
+fn a_dynamic_disk_becomes_a_child_and_the_chain_reads_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let mut base_data = vec![1u8; size as usize];
+    base_data[(2 * MIB) as usize..(4 * MIB) as usize].fill(0);
+    let mut child_data = vec![0u8; size as usize];
+    child_data[(2 * MIB) as usize..(3 * MIB) as usize].fill(9);
+    let base = dir.path().join(format!("{}.vhd", Uuid::new_v4()));
+    let child = dir.path().join(format!("{}.vhd", Uuid::new_v4()));
+    write_dynamic_from(
+        &mut &base_data[..],
+        size,
+        &base,
+        Uuid::new_v4(),
+        &mut |_, _| true,
+    )
+    .unwrap();
+    write_dynamic_from(
+        &mut &child_data[..],
+        size,
+        &child,
+        Uuid::new_v4(),
+        &mut |_, _| true,
+    )
+    .unwrap();
+    make_child_of(&child, &base).unwrap();
+    check(&child).unwrap();
+    let mut merged = vec![0u8; size as usize];
+    ChainReader::open(&child)
+        .unwrap()
+        .read_at(0, &mut merged)
+        .unwrap();
+    // The child's only block (2..4 MiB) shadows the parent's; the rest reads through.
+    assert_eq!(
+        &merged[..(2 * MIB) as usize],
+        &base_data[..(2 * MIB) as usize]
+    );
+    assert_eq!(
+        &merged[(2 * MIB) as usize..(4 * MIB) as usize],
+        &child_data[(2 * MIB) as usize..(4 * MIB) as usize]
+    );
+    assert_eq!(
+        &merged[(4 * MIB) as usize..],
+        &base_data[(4 * MIB) as usize..]
+    );
+    assert!(
+        make_child_of(&child, &base)
+            .unwrap_err()
+            .to_string()
+            .contains("only a dynamic disk")
+    );
+}

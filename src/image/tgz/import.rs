@@ -231,6 +231,7 @@ enum Kind {
 fn classify<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     limits: &TgzLimits,
+    before_members: bool,
 ) -> Result<Kind, ImageError> {
     use tar::EntryType;
 
@@ -241,7 +242,7 @@ fn classify<R: Read>(
     let dot_dir = raw == b"." || raw == b"./";
     match kind {
         EntryType::Regular => {}
-        EntryType::Directory if dot_dir => {
+        EntryType::Directory if dot_dir && before_members => {
             if entry.size() != 0 {
                 return refuse("the ./ directory entry has data");
             }
@@ -646,13 +647,17 @@ fn stream<R: Read>(
 ) -> Result<(), ImageError> {
     let t = imp.t;
     let mut archive = tar::Archive::new(guard);
+    // Where the next header is expected, and where the current metadata budget started: the
+    // end of the last member's data. Skipped entries (the ./ directory, PAX global headers)
+    // and their data are paid from the same budget.
     let mut next_header = 0u64;
+    let mut budget_from = 0u64;
     {
         let mut entries = archive
             .entries()
             .map_err(|e| stream_error(t, "tar archive", e))?;
         loop {
-            t.limit.set(next_header.saturating_add(META_LIMIT));
+            t.limit.set(budget_from.saturating_add(META_LIMIT));
             let mut entry = match entries.next() {
                 None => break,
                 Some(Ok(entry)) => entry,
@@ -668,12 +673,14 @@ fn stream<R: Read>(
                         String::from_utf8_lossy(&entry.path_bytes())
                     ))
                 })?;
-            let (name, slot) = match classify(&mut entry, imp.limits)? {
+            let before_members = imp.names.is_empty();
+            let (name, slot) = match classify(&mut entry, imp.limits, before_members)? {
                 Kind::Skip => continue,
                 Kind::Member(name, slot) => (name, slot),
             };
             imp.admit(&name, slot)?;
             let (path, file) = imp.receive(&mut entry, &name, progress)?;
+            budget_from = next_header;
             let info = vhd::inspect(&path)?;
             imp.complete(Member {
                 name,

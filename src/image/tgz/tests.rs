@@ -536,6 +536,34 @@ fn single_oddly_named_member_is_the_leaf() {
     );
 }
 
+/// One PAX record: the length field counts itself.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+#[test]
+fn pax_size_and_path_records_are_honoured() {
+    // Python's tarfile and GNU tar --format=pax put sizes of 8 GiB and more in a PAX record
+    // and 0 in the ustar field: the record wins, and so does a PAX path.
+    let src = tmp();
+    let one = light_chain(src.path(), 1);
+    let v = fs::read(&one[0]).unwrap();
+    let mut pax = pax_record("size", &v.len().to_string());
+    pax.extend_from_slice(&pax_record("path", "./0.vhd"));
+    let mut t = RawTar::default();
+    t.entry(b"PaxHeader", b'x', &pax);
+    t.header(b"ignored-name", b'0', 0, b"");
+    t.0.extend_from_slice(&v);
+    t.pad();
+    let (_d, r) = import(&gz(&t.end()));
+    assert_eq!(r.unwrap().files.len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // hostile names and types
 
@@ -619,6 +647,12 @@ fn links_devices_fifos_and_directories_are_refused() {
         let msg = refused(&gz(&tar), &["0.vhd", rule]);
         assert!(!msg.is_empty(), "{what}");
     }
+    // The ./ entry is skipped only before the members.
+    let late = RawTar::default()
+        .entry(b"0.vhd", b'0', &v)
+        .link(b"./", b'5', b"")
+        .end();
+    refused(&gz(&late), &["\"./\"", "directory members"]);
     // GNU sparse (old style 'S') and PAX sparse records.
     // One 512-byte chunk at the end of a 1 GiB file: the rest would read as zeros.
     let mut h = tar::Header::new_gnu();
@@ -960,6 +994,16 @@ fn decompression_bombs_are_refused_quickly() {
     let mut h = RawTar::default();
     h.header(b"./", b'5', 64 * MIB, b"");
     refused(&gz_with_zeros(&h.0, 64, &[0u8; 1024]), &["./"]);
+    // A PAX global header is skipped, but its data counts against the same 1 MiB.
+    let mut h = RawTar::default();
+    h.header(b"pax_global_header", b'g', 64 * MIB, b"");
+    refused(&gz_with_zeros(&h.0, 64, &[0u8; 1024]), &["PAX records"]);
+    // So do many small skipped entries.
+    let mut t = RawTar::default();
+    for _ in 0..3000 {
+        t.entry(b"./", b'5', b"");
+    }
+    refused(&gz(&t.end()), &["PAX records"]);
 
     // Zero padding after the end of the archive: bounded too.
     let (_s, v) = one_vhd();
@@ -1100,6 +1144,24 @@ fn bench() {
             data as f64 / s / 1e6,
             n as f64 / data as f64,
             peak_rss_kib()
+        );
+    } else if let Some(tgz) = spec.strip_prefix("decode:") {
+        let src = io::BufReader::with_capacity(256 << 10, fs::File::open(tgz).unwrap());
+        let mut d = flate2::bufread::MultiGzDecoder::new(src);
+        let mut buf = vec![0u8; 1 << 20];
+        let t = Instant::now();
+        let mut n = 0u64;
+        loop {
+            let k = d.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        let s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "decode {tgz}: {n} bytes in {s:.3} s = {:.0} MB/s",
+            n as f64 / s / 1e6
         );
     } else if let Some(tgz) = spec.strip_prefix("import:") {
         let staging = PathBuf::from(format!("{tgz}.staging"));
