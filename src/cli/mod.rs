@@ -236,17 +236,7 @@ async fn volume(
             query.extend(size.map(|size| format!("size_gb={size}")));
             query.extend(image_options.image_format.map(|f| format!("format={f}")));
             let path = format!("/v1/volumes/import?{}", query.join("&"));
-            let job = images::send_image(
-                client,
-                &path,
-                &images::Location::parse(&image),
-                &image_options.headers,
-                json,
-            )
-            .await?;
-            let volume: Volume = serde_json::from_value(finished(job)?)
-                .map_err(|e| ClientError::Decode(e.to_string()))?;
-            output::emit(out, json, &volume, output::volume);
+            import(client, &path, &image, &image_options, json, out).await?;
         }
         VolumeCommand::Import {
             id,
@@ -258,17 +248,7 @@ async fn volume(
                 .map(|f| format!("?format={f}"))
                 .unwrap_or_default();
             let path = format!("{}/import{query}", path(&id));
-            let job = images::send_image(
-                client,
-                &path,
-                &images::Location::parse(&src),
-                &image_options.headers,
-                json,
-            )
-            .await?;
-            let volume: Volume = serde_json::from_value(finished(job)?)
-                .map_err(|e| ClientError::Decode(e.to_string()))?;
-            output::emit(out, json, &volume, output::volume);
+            import(client, &path, &src, &image_options, json, out).await?;
         }
         VolumeCommand::Export {
             id,
@@ -402,6 +382,25 @@ async fn copy(
         return Ok(());
     }
     let job = follow(client, &job, json).await?;
+    emit_new_volume(out, json, job)
+}
+
+/// Sends an image to an import endpoint and prints the volume it filled.
+async fn import(
+    client: &ApiClient,
+    api_path: &str,
+    source: &str,
+    options: &ImageOptions,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ClientError> {
+    let source = images::Location::parse(source);
+    let job = images::send_image(client, api_path, &source, &options.headers, json).await?;
+    emit_new_volume(out, json, job)
+}
+
+/// Prints the volume a finished job made, or returns the job's failure.
+fn emit_new_volume(out: &mut dyn Write, json: bool, job: Job) -> Result<(), ClientError> {
     let volume: Volume =
         serde_json::from_value(finished(job)?).map_err(|e| ClientError::Decode(e.to_string()))?;
     output::emit(out, json, &volume, output::volume);
