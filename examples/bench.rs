@@ -382,7 +382,7 @@ impl World {
             &config,
             format!(
                 "xenapi_connection_url = \"{}\"\nxenapi_connection_password = \"bench\"\nxenapi_nfs_server = \"nfs.example\"\n\
-                 xenapi_nfs_serverpath = \"/volumes\"\nxenapi_sr_base_path = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\
+                 xenapi_nfs_serverpath = \"/volumes\"\nxenapi_sr_base_path = \"{}\"\nshare_mount_check = false\nsocket = \"{}\"\nstate_dir = \"{}\"\n\
                  hypervisor_uuid_path = \"{}\"\ndevice_dir = \"{}\"\n",
                 line.trim(),
                 export.display(),

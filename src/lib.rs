@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod image;
 pub mod jobs;
+pub mod journal;
+pub mod metrics;
 pub mod service;
 pub mod sim;
 pub mod vhd;

@@ -33,7 +33,7 @@ fn sr_spec() -> SrSpec<'static> {
 async fn new_sr_with_vdi(client: &XenApiClient, size: u64) -> (Ref<Sr>, Ref<Vdi>) {
     let host = client.pool_master().await.unwrap();
     let sr = client
-        .sr_create(&host, &nfs_config(), &sr_spec())
+        .sr_create(&host, &nfs_config(), &sr_spec(), &BTreeMap::new())
         .await
         .unwrap();
     let vdi = client
@@ -173,7 +173,7 @@ async fn api_errors_keep_code_and_parameters() {
     let mut wrong = nfs_config();
     wrong.insert("server".into(), "elsewhere.example".into());
     let error = client
-        .sr_create(&host, &wrong, &sr_spec())
+        .sr_create(&host, &wrong, &sr_spec(), &BTreeMap::new())
         .await
         .unwrap_err();
     assert!(
@@ -192,7 +192,7 @@ async fn api_errors_keep_code_and_parameters() {
     )
     .await;
     let sr = client
-        .sr_create(&host, &nfs_config(), &sr_spec())
+        .sr_create(&host, &nfs_config(), &sr_spec(), &BTreeMap::new())
         .await
         .unwrap();
     let error = client

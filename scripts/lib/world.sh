@@ -45,6 +45,8 @@ xenapi_connection_password_file = "$work/password"
 xenapi_nfs_server = "nfs.example"
 xenapi_nfs_serverpath = "/volumes"
 xenapi_sr_base_path = "$work/export"
+# A plain directory stands in for the NFS mount.
+share_mount_check = false
 socket = "$work/xenapinfs.sock"
 state_dir = "$work/state"
 hypervisor_uuid_path = "$work/hypervisor-uuid"

@@ -17,6 +17,7 @@ use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use super::metrics::{before_job, metered_chunks, metered_source};
 use crate::image::ImageFormat;
 use crate::image::transfer::{ChannelWriter, UrlSpec, chunk_stream};
 use crate::jobs::{Job, JobState};
@@ -135,13 +136,17 @@ pub async fn import(
             "size_gb, name and description are for new volumes (POST /v1/volumes/import)",
         ));
     }
-    agent.require_xenapi()?;
-    agent.volumes.show(id)?;
-    let (source, detached) = source(request).await?;
+    let (source, detached) = before_job(&agent, "import", async {
+        agent.require_xenapi()?;
+        agent.volumes.show(id)?;
+        source(request).await
+    })
+    .await?;
     let worker = agent.clone();
     let job = agent
         .jobs
         .start("import", Some(id.to_string()), move |ctx| async move {
+            let source = metered_source(worker.metrics.clone(), source).await?;
             let mode = worker.mode();
             let volume = worker
                 .volumes
@@ -158,8 +163,11 @@ pub async fn create(
     request: Request,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    agent.require_xenapi()?;
-    let (source, detached) = source(request).await?;
+    let (source, detached) = before_job(&agent, "create-from-image", async {
+        agent.require_xenapi()?;
+        source(request).await
+    })
+    .await?;
     let new = NewVolume {
         size_gb: query.size_gb,
         name: query.name,
@@ -170,6 +178,7 @@ pub async fn create(
     let job = agent
         .jobs
         .start("create-from-image", None, move |ctx| async move {
+            let source = metered_source(worker.metrics.clone(), source).await?;
             let mode = worker.mode();
             let volume = worker
                 .volumes
@@ -189,7 +198,7 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     let id = volume_id(id)?;
     let Query(query) = query?;
-    agent.volumes.show(id)?;
+    before_job(&agent, "export", async { Ok(agent.volumes.show(id)?) }).await?;
     let (writer, receiver) = ChannelWriter::new(4);
     let worker = agent.clone();
     let format = query.format;
@@ -202,7 +211,10 @@ pub async fn export(
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("x-xenapinfs-job", job.id)
-        .body(Body::from_stream(chunk_stream(receiver)))
+        .body(Body::from_stream(metered_chunks(
+            agent.metrics.clone(),
+            chunk_stream(receiver),
+        )))
         .expect("static response parts"))
 }
 
@@ -219,13 +231,15 @@ pub async fn export_url(
         headers: request.headers,
     };
     spec.validate().map_err(ApiError::invalid)?;
-    agent.volumes.show(id)?;
+    before_job(&agent, "export", async { Ok(agent.volumes.show(id)?) }).await?;
     let worker = agent.clone();
     let format = request.format;
     let job = agent
         .jobs
         .start("export", Some(id.to_string()), move |ctx| async move {
             let bytes = export_to_url(&worker.volumes, id, format, spec, ctx).await?;
+            // The upload's bytes are counted once it has completed.
+            worker.metrics.exported(bytes);
             Ok(serde_json::json!({"bytes": bytes, "format": format}))
         });
     Ok((StatusCode::ACCEPTED, Json(job)))

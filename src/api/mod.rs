@@ -1,5 +1,6 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket, routes under `/v1`.
 //!
+//! `GET /metrics` (OpenMetrics text) sits beside them, behind the same peer check.
 //! Every error has one shape: `{"error": {"kind": ..., "message": ..., "details": ...}}`.
 //! The endpoints are described in `docs/api.md`.
 
@@ -8,6 +9,7 @@ pub mod client;
 mod error;
 mod images;
 mod jobs;
+mod metrics;
 mod status;
 mod volumes;
 
@@ -32,6 +34,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
     let volume = "/v1/volumes/{sr}/{vdi}";
     Router::new()
         .route("/v1/health", get(status::health))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/status", get(status::status))
         .route("/v1/stats", get(volumes::stats))
         .route("/v1/volumes", get(volumes::list).post(volumes::create))

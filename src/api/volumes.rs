@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use super::metrics::{before_job, counted};
 use crate::jobs::Job;
 use crate::service::Agent;
 use crate::volume::{ConnectionInfo, CopyKind, Stats, Volume, VolumeId};
@@ -76,11 +77,14 @@ pub async fn create(
     body: Body<CreateRequest>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let Json(request) = body?;
-    agent.require_xenapi()?;
-    let volume = agent
-        .volumes
-        .create(request.size_gb, &request.name, &request.description)
-        .await?;
+    let volume = counted(&agent, "create", async {
+        agent.require_xenapi()?;
+        Ok(agent
+            .volumes
+            .create(request.size_gb, &request.name, &request.description)
+            .await?)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(volume)))
 }
 
@@ -90,8 +94,11 @@ pub async fn show(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<Volume
 
 pub async fn delete(State(agent): State<Arc<Agent>>, id: Id) -> Result<Json<Deleted>, ApiError> {
     let id = volume_id(id)?;
-    agent.require_xenapi()?;
-    agent.volumes.delete(id).await?;
+    counted(&agent, "delete", async {
+        agent.require_xenapi()?;
+        Ok(agent.volumes.delete(id).await?)
+    })
+    .await?;
     Ok(Json(Deleted { id, deleted: true }))
 }
 
@@ -102,8 +109,12 @@ pub async fn extend(
 ) -> Result<Json<Volume>, ApiError> {
     let id = volume_id(id)?;
     let Json(request) = body?;
-    agent.require_xenapi()?;
-    Ok(Json(agent.volumes.extend(id, request.size_gb).await?))
+    let volume = counted(&agent, "extend", async {
+        agent.require_xenapi()?;
+        Ok(agent.volumes.extend(id, request.size_gb).await?)
+    })
+    .await?;
+    Ok(Json(volume))
 }
 
 pub async fn connection(
@@ -127,10 +138,13 @@ async fn start_copy(
             kind.job_name()
         )));
     }
-    agent.require_xenapi()?;
-    agent
-        .volumes
-        .check_copy(source, request.size_gb, request.name.as_deref())?;
+    before_job(&agent, kind.job_name(), async {
+        agent.require_xenapi()?;
+        Ok(agent
+            .volumes
+            .check_copy(source, request.size_gb, request.name.as_deref())?)
+    })
+    .await?;
     let worker = agent.clone();
     let job = agent.jobs.start(
         kind.job_name(),
@@ -175,8 +189,12 @@ pub async fn attach(
     id: Id,
 ) -> Result<Json<crate::volume::AttachInfo>, ApiError> {
     let id = volume_id(id)?;
-    agent.require_xenapi()?;
-    Ok(Json(agent.volumes.attach(id, agent.mode().as_ref()).await?))
+    let attached = counted(&agent, "attach", async {
+        agent.require_xenapi()?;
+        Ok(agent.volumes.attach(id, agent.mode().as_ref()).await?)
+    })
+    .await?;
+    Ok(Json(attached))
 }
 
 pub async fn detach(
@@ -184,7 +202,10 @@ pub async fn detach(
     id: Id,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = volume_id(id)?;
-    agent.volumes.detach(id).await?;
+    counted(&agent, "detach", async {
+        Ok(agent.volumes.detach(id).await?)
+    })
+    .await?;
     Ok(Json(serde_json::json!({"id": id, "detached": true})))
 }
 

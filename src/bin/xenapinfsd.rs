@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -56,6 +56,15 @@ fn main() -> ExitCode {
     if args.check_config {
         println!("{}: configuration is valid", settings.source.display());
         return ExitCode::SUCCESS;
+    }
+    // Not a configuration error (78): the mount may come up later, and a restart will see it.
+    if settings.share_mount_check
+        && let Err(e) = service::mount::check_share(Path::new(service::mount::MOUNTINFO), &settings)
+    {
+        SystemdNotifier::default().status(&format!("refusing to start: {e}"));
+        tracing::error!("{e}");
+        eprintln!("xenapinfsd: {e}");
+        return ExitCode::FAILURE;
     }
     match serve(args, settings) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 //! | `xenapi_connection_password` | or `xenapi_connection_password_file`, or the systemd credential `xenapi_connection_password` |
 //! | `xenapi_nfs_server`, `xenapi_nfs_serverpath` | required |
 //! | `xenapi_sr_base_path` | `/var/run/sr-mount` |
+//! | `share_mount_check` | `true` |
 //! | `xenapi_ca_file` / `xenapi_tls_fingerprint` / `xenapi_insecure` | system trust store |
 //! | `xenapi_connect_timeout`, `xenapi_request_timeout` (seconds) | 10, 120 |
 //! | `socket`, `socket_group` | `/run/xenapinfs/xenapinfs.sock`, `xenapinfs` |
@@ -96,6 +97,8 @@ pub struct Settings {
     pub nfs_server: String,
     pub nfs_serverpath: String,
     pub sr_base_path: PathBuf,
+    /// Refuse to start unless `sr_base_path` is an NFS mount of `nfs_server:nfs_serverpath`.
+    pub share_mount_check: bool,
     pub socket: PathBuf,
     pub socket_group: String,
     pub state_dir: PathBuf,
@@ -247,6 +250,7 @@ pub fn validate(
             raw.xenapi_sr_base_path,
             "/var/run/sr-mount",
         )?,
+        share_mount_check: raw.share_mount_check.unwrap_or(true),
         socket: absolute("socket", raw.socket, "/run/xenapinfs/xenapinfs.sock")?,
         socket_group: raw.socket_group.unwrap_or_else(|| "xenapinfs".into()),
         state_dir: absolute("state_dir", raw.state_dir, "/var/lib/xenapinfs")?,
@@ -367,6 +371,7 @@ xenapi_nfs_serverpath = "/volumes"
         let settings = load(&write(dir.path(), "c.toml", MINIMAL), None).unwrap();
         assert_eq!(settings.xenapi.username, "root");
         assert_eq!(settings.sr_base_path, Path::new("/var/run/sr-mount"));
+        assert!(settings.share_mount_check);
         assert_eq!(settings.socket, Path::new("/run/xenapinfs/xenapinfs.sock"));
         assert_eq!(settings.state_dir, Path::new("/var/lib/xenapinfs"));
         assert_eq!(settings.mode, Mode::Auto);
@@ -406,6 +411,7 @@ xenapi_nfs_serverpath = "/volumes"
                 "xenapi_tls_fingerprint",
             ),
             ("xenapi_request_timeout = 0", "xenapi_request_timeout"),
+            ("share_mount_check = \"yes\"", "share_mount_check"),
         ] {
             let path = write(dir.path(), "c.toml", &format!("{MINIMAL}{line}\n"));
             let message = load(&path, None).unwrap_err().to_string();

@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub xenapi_nfs_server: Option<String>,
     pub xenapi_nfs_serverpath: Option<String>,
     pub xenapi_sr_base_path: Option<PathBuf>,
+    pub share_mount_check: Option<bool>,
     pub xenapi_ca_file: Option<PathBuf>,
     pub xenapi_tls_fingerprint: Option<String>,
     pub xenapi_insecure: Option<bool>,

@@ -123,19 +123,33 @@ pub async fn upload(spec: &UrlSpec, chunks: mpsc::Receiver<Chunk>) -> Result<(),
     Ok(())
 }
 
-/// Counts the bytes read through it, for progress.
+/// Told how many bytes just went through (the agent's byte counters).
+pub type Tally = Box<dyn Fn(u64) + Send + Sync>;
+
+/// Counts the bytes read through it, for progress, and optionally tells a [`Tally`].
 pub struct Counting<R> {
     inner: R,
     count: Arc<AtomicU64>,
+    tally: Option<Tally>,
 }
 
 impl<R> Counting<R> {
     pub fn new(inner: R) -> (Self, Arc<AtomicU64>) {
+        Self::build(inner, None)
+    }
+
+    /// Also hands every read's byte count to `tally` as it happens.
+    pub fn tallied(inner: R, tally: Tally) -> (Self, Arc<AtomicU64>) {
+        Self::build(inner, Some(tally))
+    }
+
+    fn build(inner: R, tally: Option<Tally>) -> (Self, Arc<AtomicU64>) {
         let count = Arc::new(AtomicU64::new(0));
         (
             Counting {
                 inner,
                 count: count.clone(),
+                tally,
             },
             count,
         )
@@ -152,6 +166,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = (buf.filled().len() - before) as u64;
         self.count.fetch_add(read, Ordering::Relaxed);
+        if let Some(tally) = &self.tally
+            && read > 0
+        {
+            tally(read);
+        }
         result
     }
 }

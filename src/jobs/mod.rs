@@ -89,9 +89,19 @@ pub struct JobManager {
     tracker: TaskTracker,
     /// Cancelled at shutdown; every job's token is a child of it.
     root: CancellationToken,
+    /// Where finished jobs are counted, if anywhere.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl JobManager {
+    /// A job manager that counts each finished job in `metrics`.
+    pub fn with_metrics(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        JobManager {
+            metrics: Some(metrics),
+            ..JobManager::default()
+        }
+    }
+
     /// Starts `body` in the background and returns the new job.
     pub fn start<F, Fut>(&self, kind: &str, volume: Option<String>, body: F) -> Job
     where
@@ -130,9 +140,11 @@ impl JobManager {
         }
         let future = body(context);
         let span = info_span!("job", job_id = %id, kind, volume = volume.as_deref().unwrap_or("-"));
+        let metrics = self.metrics.clone();
         self.tracker.spawn(
             async move {
                 info!("job started");
+                let started = std::time::Instant::now();
                 let outcome = future.await;
                 updates.send_modify(|job| {
                     job.finished = Some(now());
@@ -156,6 +168,9 @@ impl JobManager {
                     }
                 });
                 let job = updates.borrow();
+                if let Some(metrics) = metrics {
+                    metrics.operation_finished(&job.kind, job.state.into(), started.elapsed());
+                }
                 match job.state {
                     JobState::Failed => warn!(error = %job.message, "job failed"),
                     state => info!(?state, "job finished"),
@@ -164,6 +179,19 @@ impl JobManager {
             .instrument(span),
         );
         job
+    }
+
+    /// Adds finished jobs from before a restart (interrupted ones, with their recovered
+    /// outcome), so `job list` and `job show` report them.
+    pub fn restore(&self, finished: Vec<Job>) {
+        let mut jobs = self.jobs.lock().expect("lock poisoned");
+        for job in finished.into_iter().filter(|j| j.state.is_finished()) {
+            let id = job.id.clone();
+            let (updates, _) = watch::channel(job);
+            let cancel = CancellationToken::new();
+            jobs.entry(id).or_insert(Entry { updates, cancel });
+        }
+        forget_oldest_finished(&mut jobs);
     }
 
     pub fn get(&self, id: &str) -> Option<Job> {
@@ -230,7 +258,7 @@ fn forget_oldest_finished(jobs: &mut BTreeMap<String, Entry>) {
     }
 }
 
-fn now() -> String {
+pub fn now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

@@ -5,6 +5,7 @@
 
 pub mod logging;
 pub mod mode;
+pub mod mount;
 pub mod notify;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +40,8 @@ pub enum ServiceError {
     },
     #[error("serving the control API: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 /// Everything the request handlers and jobs share.
@@ -49,6 +52,7 @@ pub struct Agent {
     pub xenapi: Arc<XenApiClient>,
     pub volumes: VolumeManager,
     pub jobs: JobManager,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub started: Instant,
     mode: RwLock<Option<ModeReport>>,
     /// Milliseconds since `started` at which the XenAPI session loop last went round.
@@ -73,10 +77,16 @@ fn client_settings(settings: &Settings) -> ClientSettings {
 
 impl Agent {
     pub fn new(settings: Settings) -> Result<Self, ServiceError> {
-        let xenapi = Arc::new(XenApiClient::new(client_settings(&settings))?);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let xenapi = Arc::new(XenApiClient::with_observer(
+            client_settings(&settings),
+            metrics.clone(),
+        )?);
+        let journal = crate::journal::Journal::open(&settings.state_dir)?;
         Ok(Agent {
-            volumes: VolumeManager::new(&settings, xenapi.clone()),
-            jobs: JobManager::default(),
+            volumes: VolumeManager::new(&settings, xenapi.clone(), journal),
+            jobs: JobManager::with_metrics(metrics.clone()),
+            metrics,
             settings: RwLock::new(Arc::new(settings)),
             xenapi,
             started: Instant::now(),
@@ -205,7 +215,11 @@ impl Agent {
                 let attempt = async {
                     self.xenapi.connect().await?;
                     let settings = self.settings();
-                    mode::detect(settings.mode, &settings.hypervisor_uuid_path, &self.xenapi).await
+                    let report =
+                        mode::detect(settings.mode, &settings.hypervisor_uuid_path, &self.xenapi)
+                            .await?;
+                    self.recover_once(&report, notifier).await?;
+                    Ok::<_, StartError>(report)
                 };
                 match attempt.await {
                     Ok(report) => {
@@ -241,6 +255,32 @@ impl Agent {
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// Why the agent cannot serve volumes yet (the session loop retries).
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    XenApi(#[from] XenApiError),
+    #[error("recovering interrupted operations: {0}")]
+    Recovery(#[from] crate::volume::VolumeError),
+}
+
+impl Agent {
+    /// Before the first operation: finishes or undoes what the last stop interrupted.
+    async fn recover_once(
+        &self,
+        report: &ModeReport,
+        notifier: &dyn Notifier,
+    ) -> Result<(), crate::volume::VolumeError> {
+        if self.volumes.is_recovered() {
+            return Ok(());
+        }
+        notifier.status("recovering operations interrupted by the last stop");
+        let jobs = self.volumes.recover(report.vm.as_ref()).await?;
+        self.jobs.restore(jobs);
+        Ok(())
     }
 }
 

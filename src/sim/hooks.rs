@@ -123,15 +123,14 @@ impl Hooks {
         }
     }
 
+    /// The delay set on `method`, or else the one set on every method (`*`).
     pub fn delay(&self, method: &str) -> Duration {
-        Duration::from_millis(
-            self.delays
-                .lock()
-                .unwrap()
-                .get(method)
-                .copied()
-                .unwrap_or(0),
-        )
+        let delays = self
+            .delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let millis = delays.get(method).or_else(|| delays.get("*"));
+        Duration::from_millis(millis.copied().unwrap_or(0))
     }
 
     /// Starts (or, with `None`, stops) appending the call log to `path`.

@@ -9,14 +9,17 @@ use tracing::{info, warn};
 use crate::service::mode::ModeReport;
 use crate::xenapi::{NewVbd, Ref, Vbd, Vm, XenApiError};
 
+use crate::journal::{Effect, Operation};
+
 use super::sr::{Cleanup, SrHandle};
-use super::{VolumeError, VolumeId, VolumeManager};
+use super::{OPERATION, VolumeError, VolumeId, VolumeManager, operation_id, record};
 
 /// How long a plugged disk may take to show up as a device node.
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `VBD.unplug` is retried this often while the guest refuses (`DEVICE_DETACH_REJECTED`).
 const UNPLUG_ATTEMPTS: u32 = 10;
-/// Tag on the VBDs the agent creates, so stale ones can be found after a crash.
+/// `other_config` key on the VBDs the agent creates (the value is the operation's id), so
+/// stale ones can be found after a crash.
 pub const VBD_TAG: &str = "xenapinfs";
 
 /// A volume attached to this VM.
@@ -25,6 +28,8 @@ pub struct Attachment {
     sr: SrHandle,
     vbd: Ref<Vbd>,
     pub device: PathBuf,
+    /// The attach operation stays open in the journal until the volume is detached.
+    operation: Operation,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -57,6 +62,22 @@ impl VolumeManager {
         mode: Option<&ModeReport>,
     ) -> Result<AttachInfo, VolumeError> {
         let vm = local_vm(mode, "attach")?;
+        let op = self.begin("attach", Some(id), None)?;
+        let attached = OPERATION
+            .scope(op.clone(), self.attach_volume(id, vm, op.clone()))
+            .await;
+        if attached.is_err() {
+            self.end(&op);
+        }
+        attached
+    }
+
+    async fn attach_volume(
+        &self,
+        id: VolumeId,
+        vm: Ref<Vm>,
+        operation: Operation,
+    ) -> Result<AttachInfo, VolumeError> {
         let _lock = self.locks.lock(id.sr).await;
         if let Some(existing) = self.attached.lock().expect("lock poisoned").get(&id) {
             return Err(VolumeError::Conflict(format!(
@@ -66,7 +87,7 @@ impl VolumeManager {
         }
         self.share.volume(id)?;
         let (handle, vdi) = self.open(id).await?;
-        match self.plug_vdi(&vm, &vdi, &id.to_string()).await {
+        match self.plug_vdi(&vm, &vdi).await {
             Ok((vbd, device)) => {
                 info!(volume = %id, device = %device.display(), "volume attached");
                 self.attached.lock().expect("lock poisoned").insert(
@@ -75,6 +96,7 @@ impl VolumeManager {
                         sr: handle,
                         vbd,
                         device: device.clone(),
+                        operation,
                     },
                 );
                 Ok(AttachInfo {
@@ -90,15 +112,17 @@ impl VolumeManager {
         }
     }
 
-    /// Creates a VBD of `vdi` on this VM (tagged with `tag`), plugs it read-write and waits for
-    /// its device node. On failure the VBD is gone again.
+    /// Creates a VBD of `vdi` on this VM (tagged with the operation's id), plugs it read-write
+    /// and waits for its device node. On failure the VBD is gone again.
     pub(super) async fn plug_vdi(
         &self,
         vm: &Ref<Vm>,
         vdi: &Ref<crate::xenapi::Vdi>,
-        tag: &str,
     ) -> Result<(Ref<Vbd>, PathBuf), VolumeError> {
-        let other_config = [(VBD_TAG.to_string(), tag.to_string())]
+        record(Effect::Vbd {
+            vdi: vdi.to_string(),
+        })?;
+        let other_config = [(VBD_TAG.to_string(), operation_id())]
             .into_iter()
             .collect();
         let vbd = self
@@ -177,7 +201,13 @@ impl VolumeManager {
             .ok_or_else(|| {
                 VolumeError::Conflict(format!("volume {id} is not attached to this VM"))
             })?;
-        if let Err(error) = self.unplug_vdi(&attachment.vbd, &attachment.device).await {
+        let unplugged = OPERATION
+            .scope(
+                attachment.operation.clone(),
+                self.unplug_vdi(&attachment.vbd, &attachment.device),
+            )
+            .await;
+        if let Err(error) = unplugged {
             // Still plugged: keep it recorded so a later detach can try again.
             self.attached
                 .lock()
@@ -187,6 +217,7 @@ impl VolumeManager {
         }
         let mut cleanup = Cleanup::default();
         attachment.sr.release(&self.xenapi, &mut cleanup).await;
+        self.end(&attachment.operation);
         info!(volume = %id, "volume detached");
         Ok(())
     }
@@ -222,7 +253,7 @@ impl VolumeManager {
     }
 
     /// Unplugs (retrying while the guest refuses) and destroys a VBD.
-    async fn remove_vbd(&self, vbd: &Ref<Vbd>, cleanup: &mut Cleanup) {
+    pub(super) async fn remove_vbd(&self, vbd: &Ref<Vbd>, cleanup: &mut Cleanup) {
         let mut attempt = 0;
         let unplugged = loop {
             attempt += 1;

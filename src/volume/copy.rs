@@ -7,7 +7,9 @@ use tracing::info;
 use crate::jobs::JobContext;
 use crate::xenapi::{Ref, TaskWait, Vdi, XenApiError};
 
-use super::{Volume, VolumeError, VolumeId, VolumeManager, check_label, check_size};
+use crate::journal::Effect;
+
+use super::{Volume, VolumeError, VolumeId, VolumeManager, check_label, check_size, record};
 
 /// Which copy a job makes; only the names differ, and `FromSnapshot` may grow the copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +69,19 @@ impl VolumeManager {
         name: Option<String>,
         ctx: &JobContext,
     ) -> Result<Volume, VolumeError> {
+        let work = self.copy_volume(kind, source, size_gb, name, ctx);
+        self.journaled(kind.job_name(), Some(source), Some(ctx), work)
+            .await
+    }
+
+    async fn copy_volume(
+        &self,
+        kind: CopyKind,
+        source: VolumeId,
+        size_gb: Option<u64>,
+        name: Option<String>,
+        ctx: &JobContext,
+    ) -> Result<Volume, VolumeError> {
         let _lock = self.locks.lock(source.sr).await;
         let origin = self.check_copy(source, size_gb, name.as_deref())?;
         let name = name.unwrap_or(origin.name.clone());
@@ -92,8 +107,13 @@ impl VolumeManager {
                     .await
                     .map_err(VolumeError::xenapi("growing the copy"))?;
             }
-            self.finish_new_volume(&target, &copy, &name, &description)
-                .await
+            let id = self
+                .finish_new_volume(&target, &copy, &name, &description)
+                .await?;
+            record(Effect::Committed {
+                volume: Some(id.to_string()),
+            })?;
+            Ok(id)
         }
         .await;
         self.close(source_sr).await;
@@ -118,6 +138,9 @@ impl VolumeManager {
             .vdi_copy_async(source, into)
             .await
             .map_err(VolumeError::xenapi("starting Async.VDI.copy"))?;
+        record(Effect::Task {
+            task: task.to_string(),
+        })?;
         let progress_ctx = ctx.clone();
         let mut on_progress = move |p: f64| progress_ctx.progress(5.0 + p * COPY_SHARE, "copying");
         let result = self

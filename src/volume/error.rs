@@ -18,8 +18,11 @@ pub enum VolumeError {
         mode: String,
         reason: String,
     },
-    #[error("the agent has not reached XenAPI yet: {0}")]
+    #[error("the agent is not ready yet: {0}")]
     NotReady(String),
+    /// The job journal could not record a step, so the step was not taken.
+    #[error("job journal: {0}")]
+    Journal(String),
     #[error("{context}: {source}")]
     XenApi {
         context: String,
@@ -80,6 +83,7 @@ impl VolumeError {
             VolumeError::Conflict(_) => "conflict",
             VolumeError::WrongMode { .. } => "wrong_mode",
             VolumeError::NotReady(_) => "not_ready",
+            VolumeError::Journal(_) => "journal",
             VolumeError::XenApi { .. } => "xenapi",
             VolumeError::Io { .. } => "io",
             VolumeError::Vhd(_) => "vhd",

@@ -23,12 +23,15 @@ use crate::image::tgz::{TgzLimits, export_tgz, import_tgz};
 use crate::image::transfer::{self, Body, ChannelWriter, Counting, UrlSpec};
 use crate::image::{ImageError, ImageFormat};
 use crate::jobs::JobContext;
+use crate::journal::Effect;
 use crate::service::mode::ModeReport;
 use crate::vhd;
 use crate::xenapi::{NewVdi, Ref, Vdi, Vm};
 
 use super::sr::Cleanup;
-use super::{GIB, MAX_SIZE_GB, Volume, VolumeError, VolumeId, VolumeManager, check_size};
+use super::{
+    GIB, MAX_SIZE_GB, OPERATION, Volume, VolumeError, VolumeId, VolumeManager, check_size, record,
+};
 
 /// Name, description and (optional) size of a volume made from an image.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -61,6 +64,9 @@ impl From<ImageError> for VolumeError {
     }
 }
 
+/// Staging directories are named this, then the job id.
+pub(super) const STAGING_PREFIX: &str = ".xenapinfs-staging-";
+
 /// A private directory on the share, removed with everything in it when dropped.
 struct Staging {
     dir: PathBuf,
@@ -69,7 +75,8 @@ struct Staging {
 impl Staging {
     fn new(parent: &Path, job: &str) -> Result<Self, VolumeError> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = parent.join(format!(".xenapinfs-staging-{job}"));
+        let dir = parent.join(format!("{STAGING_PREFIX}{job}"));
+        record(Effect::Staging { dir: dir.clone() })?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -139,6 +146,18 @@ impl VolumeManager {
         mode: Option<&ModeReport>,
         ctx: &JobContext,
     ) -> Result<Volume, VolumeError> {
+        let work = self.import_into(id, source, declared, mode, ctx);
+        self.journaled("import", Some(id), Some(ctx), work).await
+    }
+
+    async fn import_into(
+        &self,
+        id: VolumeId,
+        source: ImageSource,
+        declared: Option<ImageFormat>,
+        mode: Option<&ModeReport>,
+        ctx: &JobContext,
+    ) -> Result<Volume, VolumeError> {
         let _lock = self.locks.lock(id.sr).await;
         let volume = self.share.volume(id)?;
         if self
@@ -151,6 +170,10 @@ impl VolumeManager {
                 "volume {id} is attached; detach it before importing"
             )));
         }
+        record(Effect::Replacing {
+            sr: id.sr,
+            vdi: id.vdi,
+        })?;
         let staging = Staging::new(&self.share.sr_dir(id.sr), &ctx.id())?;
         let staged = self
             .receive(source, declared, &staging, id.vdi, volume.size_bytes, ctx)
@@ -186,6 +209,19 @@ impl VolumeManager {
         mode: Option<&ModeReport>,
         ctx: &JobContext,
     ) -> Result<Volume, VolumeError> {
+        let work = self.create_filled(new, source, declared, mode, ctx);
+        self.journaled("create-from-image", None, Some(ctx), work)
+            .await
+    }
+
+    async fn create_filled(
+        &self,
+        new: &NewVolume,
+        source: ImageSource,
+        declared: Option<ImageFormat>,
+        mode: Option<&ModeReport>,
+        ctx: &JobContext,
+    ) -> Result<Volume, VolumeError> {
         let NewVolume {
             size_gb,
             name,
@@ -203,7 +239,7 @@ impl VolumeManager {
             .receive(source, declared, &staging, provisional, limit, ctx)
             .await?;
         let size_gb = size_gb.unwrap_or_else(|| staged.virtual_size().div_ceil(GIB).max(1));
-        let volume = self.create(size_gb, name, description).await?;
+        let volume = self.create_volume(size_gb, name, description).await?;
         let id = volume.id;
         let filled = async {
             let _lock = self.locks.lock(id.sr).await;
@@ -232,7 +268,7 @@ impl VolumeManager {
         if let Err(error) = filled {
             drop(staging);
             let cleanup = self
-                .delete(id)
+                .delete_volume(id)
                 .await
                 .err()
                 .map(|e| vec![format!("deleting the new volume {id}: {e}")]);
@@ -511,7 +547,7 @@ impl VolumeManager {
         fresh: bool,
         ctx: &JobContext,
     ) -> Result<(), VolumeError> {
-        let (vbd, device) = self.plug_vdi(vm, vdi, "import").await?;
+        let (vbd, device) = self.plug_vdi(vm, vdi).await?;
         let progress_ctx = ctx.clone();
         let mut progress = move |p: f64| {
             progress_ctx.progress(
@@ -575,6 +611,9 @@ impl VolumeManager {
         }
         std::fs::rename(leaf, &current)
             .map_err(VolumeError::io("moving the new content into place"))?;
+        record(Effect::Committed {
+            volume: Some(id.to_string()),
+        })?;
         let kept: Vec<PathBuf> = files[1..]
             .iter()
             .filter_map(|p| p.file_name().map(|n| sr_dir.join(n)))
@@ -604,17 +643,28 @@ impl VolumeManager {
         out: ChannelWriter,
         ctx: &JobContext,
     ) -> Result<u64, VolumeError> {
+        let op = match self.begin("export", Some(id), Some(ctx)) {
+            Ok(op) => op,
+            Err(e) => return fail_stream(out, e).await,
+        };
+        let exported = OPERATION
+            .scope(op.clone(), self.export_volume(id, format, out, ctx))
+            .await;
+        self.end(&op);
+        exported
+    }
+
+    async fn export_volume(
+        &self,
+        id: VolumeId,
+        format: ImageFormat,
+        out: ChannelWriter,
+        ctx: &JobContext,
+    ) -> Result<u64, VolumeError> {
         let _lock = self.locks.lock(id.sr).await;
-        let volume = self.share.volume(id);
-        let volume = match volume {
+        let volume = match self.share.volume(id) {
             Ok(volume) => volume,
-            Err(e) => {
-                let message = e.to_string();
-                tokio::task::spawn_blocking(move || out.fail(message))
-                    .await
-                    .map_err(blocking_failed)?;
-                return Err(e);
-            }
+            Err(e) => return fail_stream(out, e).await,
         };
         let staging = Staging::new(&self.share.sr_dir(id.sr), &ctx.id())?;
         let leaf = self.share.vhd_path(id);
@@ -669,6 +719,15 @@ impl VolumeManager {
         info!(volume = %id, %format, bytes = written, "volume exported");
         Ok(written)
     }
+}
+
+/// Ends an export stream with `error` (a dropped writer would look like a complete image).
+async fn fail_stream(out: ChannelWriter, error: VolumeError) -> Result<u64, VolumeError> {
+    let message = error.to_string();
+    tokio::task::spawn_blocking(move || out.fail(message))
+        .await
+        .map_err(blocking_failed)?;
+    Err(error)
 }
 
 /// qemu-img is needed to read these formats.

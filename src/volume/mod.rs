@@ -9,11 +9,14 @@ mod error;
 pub mod id;
 pub mod images;
 mod locks;
+mod recovery;
 pub mod share;
 mod sr;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +24,8 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::jobs::JobContext;
+use crate::journal::{Effect, Journal, Operation};
 use crate::xenapi::{Host, NewVdi, Ref, SrRecord, Vdi, VdiRecord, XenApiClient};
 
 pub use attach::{AttachInfo, Attachment};
@@ -93,10 +98,33 @@ fn check_size(size_gb: u64) -> Result<u64, VolumeError> {
     Ok(size_gb * GIB)
 }
 
+tokio::task_local! {
+    /// The journal record of the operation this task runs; side effects are recorded in it.
+    static OPERATION: Operation;
+}
+
+/// Records in the journal a side effect the current operation is about to cause.
+fn record(effect: Effect) -> Result<(), VolumeError> {
+    OPERATION
+        .try_with(|op| op.record(effect))
+        .map_err(|_| VolumeError::Journal("a side effect outside any operation".into()))?
+        .map_err(|e| VolumeError::Journal(e.to_string()))
+}
+
+/// The current operation's id (VBDs are tagged with it).
+fn operation_id() -> String {
+    OPERATION
+        .try_with(|op| op.id().to_string())
+        .unwrap_or_default()
+}
+
 /// Volume operations over XenAPI and the share.
 #[derive(Debug)]
 pub struct VolumeManager {
     xenapi: Arc<XenApiClient>,
+    journal: Arc<Journal>,
+    /// Set once operations interrupted by a crash have been finished or undone.
+    recovered: AtomicBool,
     share: Share,
     nfs_server: String,
     nfs_serverpath: String,
@@ -110,9 +138,11 @@ pub struct VolumeManager {
 }
 
 impl VolumeManager {
-    pub fn new(settings: &Settings, xenapi: Arc<XenApiClient>) -> Self {
+    pub fn new(settings: &Settings, xenapi: Arc<XenApiClient>, journal: Arc<Journal>) -> Self {
         VolumeManager {
             xenapi,
+            journal,
+            recovered: AtomicBool::new(false),
             share: Share::new(&settings.sr_base_path),
             nfs_server: settings.nfs_server.clone(),
             nfs_serverpath: settings.nfs_serverpath.clone(),
@@ -127,6 +157,50 @@ impl VolumeManager {
 
     pub fn share(&self) -> &Share {
         &self.share
+    }
+
+    /// Runs `work` as one journaled operation (a job's operation takes the job's id): its side
+    /// effects are recorded before they happen, and the record goes when it ends. A crash in
+    /// between leaves the record for [`VolumeManager::recover`].
+    async fn journaled<T>(
+        &self,
+        kind: &str,
+        volume: Option<VolumeId>,
+        job: Option<&JobContext>,
+        work: impl Future<Output = Result<T, VolumeError>>,
+    ) -> Result<T, VolumeError> {
+        let op = self.begin(kind, volume, job)?;
+        let result = OPERATION.scope(op.clone(), work).await;
+        self.end(&op);
+        result
+    }
+
+    /// Whether [`VolumeManager::recover`] has run.
+    pub fn is_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Acquire)
+    }
+
+    fn begin(
+        &self,
+        kind: &str,
+        volume: Option<VolumeId>,
+        job: Option<&JobContext>,
+    ) -> Result<Operation, VolumeError> {
+        if !self.is_recovered() {
+            return Err(VolumeError::NotReady(
+                "operations interrupted by the last stop are still being recovered".into(),
+            ));
+        }
+        let id = job.map_or_else(|| uuid::Uuid::new_v4().to_string(), |ctx| ctx.id());
+        self.journal
+            .begin(&id, kind, volume.map(|v| v.to_string()), job.is_some())
+            .map_err(|e| VolumeError::Journal(e.to_string()))
+    }
+
+    fn end(&self, op: &Operation) {
+        if let Err(e) = op.finish() {
+            warn!(operation = op.id(), error = %e, "could not close the operation in the journal; it will be recovered at the next start");
+        }
     }
 
     fn device_config(&self) -> BTreeMap<String, String> {
@@ -187,6 +261,16 @@ impl VolumeManager {
         name: &str,
         description: &str,
     ) -> Result<Volume, VolumeError> {
+        self.journaled("create", None, None, self.create_volume(size_gb, name, description))
+            .await
+    }
+
+    async fn create_volume(
+        &self,
+        size_gb: u64,
+        name: &str,
+        description: &str,
+    ) -> Result<Volume, VolumeError> {
         let size = check_size(size_gb)?;
         check_label("name", name)?;
         check_label("description", description)?;
@@ -209,6 +293,9 @@ impl VolumeManager {
         .await;
         match created {
             Ok(id) => {
+                record(Effect::Committed {
+                    volume: Some(id.to_string()),
+                })?;
                 self.close(handle).await;
                 info!(volume = %id, size_gb, "volume created");
                 self.share.volume(id)
@@ -220,13 +307,27 @@ impl VolumeManager {
     /// `SR.create` on the share, wrapped so that it is undone on failure.
     async fn new_sr(&self, name: &str, description: &str) -> Result<SrHandle, VolumeError> {
         let host = self.host().await?;
+        record(Effect::SrCreating)?;
+        let tag = BTreeMap::from([(
+            crate::journal::OPERATION_KEY.to_string(),
+            operation_id(),
+        )]);
         let sr = self
             .xenapi
-            .sr_create(&host, &self.device_config(), &sr::spec(name, description))
+            .sr_create(
+                &host,
+                &self.device_config(),
+                &sr::spec(name, description),
+                &tag,
+            )
             .await
             .map_err(VolumeError::xenapi("creating the volume's SR"))?;
         match self.xenapi.get_record::<crate::xenapi::Sr>(&sr).await {
-            Ok(record) => SrHandle::created(sr, &record),
+            Ok(sr_record) => {
+                let handle = SrHandle::created(sr, &sr_record)?;
+                record(Effect::SrCreated { sr: handle.uuid })?;
+                Ok(handle)
+            }
             Err(e) => {
                 let mut cleanup = Cleanup::default();
                 cleanup.note(
@@ -292,6 +393,11 @@ impl VolumeManager {
 
     /// Destroys a volume: its VDI, then its SR, whose directory xapi removes from the share.
     pub async fn delete(&self, id: VolumeId) -> Result<(), VolumeError> {
+        self.journaled("delete", Some(id), None, self.delete_volume(id))
+            .await
+    }
+
+    async fn delete_volume(&self, id: VolumeId) -> Result<(), VolumeError> {
         let _lock = self.locks.lock(id.sr).await;
         if !self.share.sr_dir(id.sr).is_dir() {
             return Err(VolumeError::NotFound(id));
@@ -307,6 +413,10 @@ impl VolumeManager {
             )));
         }
         let (handle, vdi) = self.open(id).await?;
+        record(Effect::Deleting {
+            sr: id.sr,
+            vdi: id.vdi,
+        })?;
         if let Err(e) = self.xenapi.vdi_destroy(&vdi).await {
             self.close(handle).await;
             return Err(if e.is("VDI_IN_USE") {
@@ -331,6 +441,11 @@ impl VolumeManager {
 
     /// Grows a volume (offline `VDI.resize`); shrinking is refused.
     pub async fn extend(&self, id: VolumeId, size_gb: u64) -> Result<Volume, VolumeError> {
+        self.journaled("extend", Some(id), None, self.extend_volume(id, size_gb))
+            .await
+    }
+
+    async fn extend_volume(&self, id: VolumeId, size_gb: u64) -> Result<Volume, VolumeError> {
         let size = check_size(size_gb)?;
         let _lock = self.locks.lock(id.sr).await;
         let current = self.share.volume(id)?;

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+use crate::journal::Effect;
 use crate::xenapi::{Host, Pbd, PbdRecord, Ref, Sr, SrRecord, SrSpec, XenApiClient};
 
-use super::VolumeError;
+use super::{VolumeError, record};
 
 /// An SR this operation has made usable, and what was done to get there.
 #[derive(Debug)]
@@ -88,6 +89,7 @@ impl SrHandle {
         match xenapi.get_by_uuid::<Sr>(&uuid.to_string()).await {
             Ok(sr) => Self::reuse(xenapi, host, sr, uuid, device_config).await,
             Err(e) if e.is("UUID_INVALID") => {
+                record(Effect::SrIntroduced { sr: uuid })?;
                 let sr = xenapi
                     .sr_introduce(&uuid.to_string(), &spec(name, description))
                     .await
@@ -118,7 +120,7 @@ impl SrHandle {
         device_config: &BTreeMap<String, String>,
     ) -> Result<Self, VolumeError> {
         debug!(sr = %uuid, "SR already known to xapi; using it as it is");
-        let record: SrRecord = xenapi
+        let sr_record: SrRecord = xenapi
             .get_record(&sr)
             .await
             .map_err(VolumeError::xenapi(format!("reading SR {uuid}")))?;
@@ -129,7 +131,7 @@ impl SrHandle {
             created: Vec::new(),
             plugged: Vec::new(),
         };
-        for pbd in &record.pbds {
+        for pbd in &sr_record.pbds {
             let pbd_record: PbdRecord = xenapi
                 .get_record(pbd)
                 .await
@@ -138,6 +140,10 @@ impl SrHandle {
                 if pbd_record.currently_attached {
                     return Ok(handle);
                 }
+                record(Effect::PbdPlugged {
+                    sr: uuid,
+                    pbd: pbd.to_string(),
+                })?;
                 let plugged = xenapi.pbd_plug(pbd).await;
                 plugged.map_err(VolumeError::xenapi(format!("plugging SR {uuid}")))?;
                 handle.plugged.push(pbd.clone());
@@ -164,6 +170,12 @@ impl SrHandle {
             .await
             .map_err(VolumeError::xenapi(context.clone()))?;
         self.created.push(pbd.clone());
+        // Recorded once xapi has named it; a crash in between leaves a PBD that is unplugged
+        // and so harmless, or goes with the SR when an introduced SR is forgotten.
+        record(Effect::PbdCreated {
+            sr: self.uuid,
+            pbd: pbd.to_string(),
+        })?;
         xenapi
             .pbd_plug(&pbd)
             .await

@@ -162,6 +162,7 @@ impl XenApiClient {
         host: &Ref<Host>,
         device_config: &BTreeMap<String, String>,
         spec: &SrSpec<'_>,
+        sm_config: &BTreeMap<String, String>,
     ) -> Result<Ref<Sr>, XenApiError> {
         self.call_ref(
             "SR.create",
@@ -174,7 +175,7 @@ impl XenApiClient {
                 Value::String(spec.sr_type.into()),
                 Value::String(spec.content_type.into()),
                 Value::Bool(spec.shared),
-                map_value(&BTreeMap::new()),
+                map_value(sm_config),
             ],
         )
         .await

@@ -44,6 +44,13 @@ pub struct ClientSettings {
     pub transport: TransportSettings,
 }
 
+/// Told about every request the client sends, as it completes (the agent's metrics count
+/// them). Kept here so the client depends on nothing above it.
+pub trait CallObserver: Send + Sync + std::fmt::Debug {
+    /// `method` was sent; `error` is why it failed, if it did.
+    fn call_finished(&self, method: &str, error: Option<&XenApiError>);
+}
+
 /// How many times a login may be sent on to another pool member.
 const MAX_MASTER_REDIRECTS: usize = 3;
 
@@ -100,10 +107,26 @@ pub struct XenApiClient {
     /// Serialises logins so that concurrent calls after an expiry make one login, not many.
     login_gate: tokio::sync::Mutex<()>,
     calls: Mutex<u64>,
+    observer: Option<Arc<dyn CallObserver>>,
 }
 
 impl XenApiClient {
     pub fn new(settings: ClientSettings) -> Result<Self, XenApiError> {
+        Self::build(settings, None)
+    }
+
+    /// A client that reports each request it sends to `observer`.
+    pub fn with_observer(
+        settings: ClientSettings,
+        observer: Arc<dyn CallObserver>,
+    ) -> Result<Self, XenApiError> {
+        Self::build(settings, Some(observer))
+    }
+
+    fn build(
+        settings: ClientSettings,
+        observer: Option<Arc<dyn CallObserver>>,
+    ) -> Result<Self, XenApiError> {
         Ok(XenApiClient {
             link: RwLock::new(Arc::new(Link::new(&settings)?)),
             current: RwLock::new(Current {
@@ -114,6 +137,7 @@ impl XenApiClient {
             }),
             login_gate: tokio::sync::Mutex::new(()),
             calls: Mutex::new(0),
+            observer,
         })
     }
 
@@ -284,6 +308,19 @@ impl XenApiClient {
     }
 
     async fn send(&self, url: &Url, method: &str, params: &[Value]) -> Result<Value, XenApiError> {
+        let result = self.send_once(url, method, params).await;
+        if let Some(observer) = &self.observer {
+            observer.call_finished(method, result.as_ref().err());
+        }
+        result
+    }
+
+    async fn send_once(
+        &self,
+        url: &Url,
+        method: &str,
+        params: &[Value],
+    ) -> Result<Value, XenApiError> {
         *self.calls.lock().expect("lock poisoned") += 1;
         debug!(method, "XenAPI call");
         let body = codec::encode_call(method, params);

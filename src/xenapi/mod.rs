@@ -15,7 +15,7 @@ pub mod tls;
 pub mod transport;
 
 pub use calls::{NewVbd, NewVdi, SrSpec};
-pub use client::{ClientSettings, ConnectionState, Password, XenApiClient};
+pub use client::{CallObserver, ClientSettings, ConnectionState, Password, XenApiClient};
 pub use error::{ApiFailure, TransportError, XenApiError};
 pub use records::*;
 pub use task::TaskWait;

@@ -220,7 +220,8 @@ pub fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
-/// A configuration file for `xenapinfsd` pointing at `sim`, in the simulator's directory.
+/// A configuration file for `xenapinfsd` pointing at `sim`, in the simulator's directory. The
+/// share is a plain directory here, so the share mount check is off.
 pub fn daemon_config(sim: &Sim, extra: &str) -> PathBuf {
     let dir = sim.dir.path();
     let uuid_file = dir.join("hypervisor-uuid");
@@ -232,6 +233,7 @@ pub fn daemon_config(sim: &Sim, extra: &str) -> PathBuf {
          xenapi_nfs_server = \"nfs.example\"\n\
          xenapi_nfs_serverpath = \"/volumes\"\n\
          xenapi_sr_base_path = \"{export}\"\n\
+         share_mount_check = false\n\
          socket = \"{socket}\"\n\
          state_dir = \"{state}\"\n\
          hypervisor_uuid_path = \"{uuid}\"\n\
