@@ -257,6 +257,7 @@ fn error_code(error: &XenApiError) -> String {
         XenApiError::Protocol { .. } => "protocol".into(),
         XenApiError::TaskCancelled { .. } => "task_cancelled".into(),
         XenApiError::TaskTimeout { .. } => "task_timeout".into(),
+        XenApiError::TaskStalled { .. } => "task_stalled".into(),
         XenApiError::TooManyRedirects { .. } | XenApiError::BadMasterAddress { .. } => {
             "redirect".into()
         }

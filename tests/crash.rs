@@ -342,3 +342,37 @@ async fn footprint_without_daemon(world: &World) -> (XapiObjects, Vec<(String, V
     }
     (world.sim.objects().await, files)
 }
+
+#[tokio::test]
+async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() {
+    let mut world = World::start().await;
+    let id = world.create(1, "attached");
+    let before = footprint(&world).await;
+    let kill = |world: &mut World| {
+        let mut child = world.daemon.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+
+    // The journal knows the attachment: VBD, PBD and SR all go.
+    world.ok(&["volume", "attach", &id]);
+    assert_eq!(world.sim.objects().await.vbds.len(), before.xapi.vbds.len() + 1);
+    kill(&mut world);
+    restart(&mut world);
+    assert_eq!(footprint(&world).await, before);
+
+    // Journal lost (a fresh state directory): the VBD still goes, found by its tag.
+    world.ok(&["volume", "attach", &id]);
+    kill(&mut world);
+    let state = world.sim.dir.path().join("state");
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    restart(&mut world);
+    assert_eq!(
+        world.sim.objects().await.vbds,
+        before.xapi.vbds,
+        "a VBD tagged by the agent is removed at start"
+    );
+    world.ok(&["volume", "attach", &id]);
+    world.ok(&["volume", "detach", &id]);
+}

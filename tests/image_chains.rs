@@ -278,11 +278,21 @@ fn read_all(leaf: &Path, length: u64) -> Vec<u8> {
 }
 
 async fn assert_clean(world: &World, step: &str) {
-    assert_eq!(
-        staging_leftovers(&world.sim.export),
-        Vec::<PathBuf>::new(),
-        "{step}: staging left behind"
-    );
+    // An export's reply ends when the last byte is sent; the daemon removes its staging
+    // directory just after that, so give it a moment (and say so when it was needed).
+    let started = std::time::Instant::now();
+    let mut left = staging_leftovers(&world.sim.export);
+    while !left.is_empty() && started.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = staging_leftovers(&world.sim.export);
+    }
+    if started.elapsed() >= std::time::Duration::from_millis(20) {
+        eprintln!(
+            "note: {step}: staging was still there when the CLI returned; gone after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(left, Vec::<PathBuf>::new(), "{step}: staging left behind");
     world.assert_xapi_clean().await;
 }
 

@@ -237,6 +237,7 @@ async fn async_vdi_copy_reports_progress_and_returns_the_new_vdi() {
             TaskWait {
                 poll_interval: Duration::from_millis(100),
                 timeout: Some(Duration::from_secs(60)),
+                stall_timeout: None,
                 cancel: &cancel,
                 on_progress: &mut on_progress,
             },
@@ -298,6 +299,7 @@ async fn cancelling_an_async_copy_leaves_no_copy_behind() {
             TaskWait {
                 poll_interval: Duration::from_millis(100),
                 timeout: None,
+                stall_timeout: None,
                 cancel: &cancel,
                 on_progress: &mut on_progress,
             },
@@ -345,6 +347,7 @@ async fn a_failing_task_returns_the_xenapi_error() {
             TaskWait {
                 poll_interval: Duration::from_millis(50),
                 timeout: Some(Duration::from_secs(30)),
+                stall_timeout: None,
                 cancel: &cancel,
                 on_progress: &mut |_| {},
             },
@@ -556,6 +559,7 @@ async fn a_task_that_outlives_its_timeout_is_cancelled_and_reported() {
             TaskWait {
                 poll_interval: Duration::from_millis(100),
                 timeout: Some(Duration::from_millis(500)),
+                stall_timeout: None,
                 cancel: &cancel,
                 on_progress: &mut |_| {},
             },

@@ -79,7 +79,15 @@ pub async fn check_peer(
     let span =
         info_span!("request", method = %request.method(), path = %request.uri().path(), uid, pid);
     if !allowed(&peer, &agent.settings().socket_group) {
-        warn!(parent: &span, "refused a caller that is neither root nor in the socket group");
+        // The caller's ids are in the event itself: the info-level span is off when the log
+        // level is `warn`, and a refusal must name who was refused.
+        warn!(
+            parent: &span,
+            uid,
+            pid,
+            path = %request.uri().path(),
+            "refused a caller that is neither root nor in the socket group"
+        );
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",

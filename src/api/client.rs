@@ -15,7 +15,10 @@ pub type UploadBody = UnsyncBoxBody<Bytes, std::io::Error>;
 /// Why a request to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to xenapinfsd at {path}: {source} (is the service running?)")]
+    #[error(
+        "cannot connect to xenapinfsd at {path}: {source} ({})",
+        connect_hint(source)
+    )]
     Connect {
         path: PathBuf,
         #[source]
@@ -32,6 +35,16 @@ pub enum ClientError {
     },
     #[error("unexpected answer from xenapinfsd: {0}")]
     Decode(String),
+}
+
+/// What an operator should check when the socket cannot be reached.
+fn connect_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "only root and members of the daemon's socket group (socket_group) may use it"
+        }
+        _ => "is the service running?",
+    }
 }
 
 /// Sends requests to `xenapinfsd`.

@@ -136,12 +136,12 @@ pub async fn import(
             "size_gb, name and description are for new volumes (POST /v1/volumes/import)",
         ));
     }
-    let (source, detached) = before_job(&agent, "import", async {
+    before_job(&agent, "import", async {
         agent.require_xenapi()?;
-        agent.volumes.show(id)?;
-        source(request).await
+        Ok(agent.volumes.show(id)?)
     })
     .await?;
+    let (source, detached) = source(request).await?;
     let worker = agent.clone();
     let job = agent
         .jobs
@@ -163,11 +163,11 @@ pub async fn create(
     request: Request,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let (source, detached) = before_job(&agent, "create-from-image", async {
-        agent.require_xenapi()?;
-        source(request).await
+    before_job(&agent, "create-from-image", async {
+        agent.require_xenapi()
     })
     .await?;
+    let (source, detached) = source(request).await?;
     let new = NewVolume {
         size_gb: query.size_gb,
         name: query.name,

@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 
 pub use auth::Peer;
 pub use error::ApiError;
+pub use images::{ExportQuery, ExportRequest, ImportQuery};
 pub use status::StatusReport;
 pub use volumes::{CopyRequest, CreateRequest, Deleted, ExtendRequest};
 

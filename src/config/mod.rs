@@ -11,6 +11,7 @@
 //! | `share_mount_check` | `true` |
 //! | `xenapi_ca_file` / `xenapi_tls_fingerprint` / `xenapi_insecure` | system trust store |
 //! | `xenapi_connect_timeout`, `xenapi_request_timeout` (seconds) | 10, 120 |
+//! | `xenapi_task_stall_timeout` (seconds without progress before a copy is given up) | 600 |
 //! | `socket`, `socket_group` | `/run/xenapinfs/xenapinfs.sock`, `xenapinfs` |
 //! | `state_dir` | `/var/lib/xenapinfs` |
 //! | `mode` | `auto` (`local`, `remote`) |
@@ -99,6 +100,8 @@ pub struct Settings {
     pub sr_base_path: PathBuf,
     /// Refuse to start unless `sr_base_path` is an NFS mount of `nfs_server:nfs_serverpath`.
     pub share_mount_check: bool,
+    /// A XenAPI copy whose progress does not move for this long is cancelled.
+    pub task_stall_timeout: Duration,
     pub socket: PathBuf,
     pub socket_group: String,
     pub state_dir: PathBuf,
@@ -114,7 +117,7 @@ pub fn load(path: &Path, credentials_dir: Option<&Path>) -> Result<Settings, Con
     let text = read(path)?;
     let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().replace('\n', " "),
+        message: syntax_message(&text, &e),
     })?;
     validate(raw, path, credentials_dir)
 }
@@ -132,6 +135,29 @@ pub fn load_cinder(
         message,
     })?;
     validate(raw, path, credentials_dir)
+}
+
+/// A TOML error as `line L, column C: message`, without the source line toml quotes: that
+/// line may hold the password. On the password's line, quoted values leave the message too.
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let mut message = error.message().trim_end().replace('\n', " ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_number = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    if line.trim_start().starts_with("xenapi_connection_password") {
+        message = message
+            .split('`')
+            .enumerate()
+            .map(|(i, part)| if i % 2 == 1 { "******" } else { part })
+            .collect::<Vec<_>>()
+            .join("`");
+    }
+    format!("line {line_number}, column {column}: {message}")
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -251,6 +277,11 @@ pub fn validate(
             "/var/run/sr-mount",
         )?,
         share_mount_check: raw.share_mount_check.unwrap_or(true),
+        task_stall_timeout: seconds(
+            "xenapi_task_stall_timeout",
+            raw.xenapi_task_stall_timeout,
+            600,
+        )?,
         socket: absolute("socket", raw.socket, "/run/xenapinfs/xenapinfs.sock")?,
         socket_group: raw.socket_group.unwrap_or_else(|| "xenapinfs".into()),
         state_dir: absolute("state_dir", raw.state_dir, "/var/lib/xenapinfs")?,

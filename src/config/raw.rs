@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub xenapi_insecure: Option<bool>,
     pub xenapi_connect_timeout: Option<u64>,
     pub xenapi_request_timeout: Option<u64>,
+    pub xenapi_task_stall_timeout: Option<u64>,
     pub socket: Option<PathBuf>,
     pub socket_group: Option<String>,
     pub state_dir: Option<PathBuf>,

@@ -224,7 +224,8 @@ fn check_vhd(
 ) -> Result<(u64, Vec<u64>), ImageError> {
     // Before the VHD reader sizes its BAT from the header.
     check_virtual_size("vhd", formats::vhd::current_size(footer), limit)?;
-    let info = vhd::inspect(path)?;
+    // Named as the tenant's image, not by its staging path on the share.
+    let info = vhd::inspect(path).map_err(|e| e.about(Path::new("vhd image")))?;
     match info.disk_type {
         DiskType::Differencing => {
             return Err(refused(

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -152,6 +153,7 @@ impl Journal {
         Ok(Operation {
             journal: self.clone(),
             id: id.to_string(),
+            unclean: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -212,13 +214,26 @@ impl Journal {
     /// Closes an interrupted operation, keeping its outcome if it was a job; one transaction,
     /// so a crash during recovery either keeps the operation open or records the outcome.
     pub fn close_recovered(&self, id: &str, outcome: Option<&Job>) -> Result<(), JournalError> {
+        self.save_outcome(Some(id), outcome)
+    }
+
+    /// Keeps an interrupted job's outcome while its operation stays open (its clean-up is
+    /// still to be retried).
+    pub fn record_outcome(&self, outcome: &Job) -> Result<(), JournalError> {
+        self.save_outcome(None, Some(outcome))
+    }
+
+    fn save_outcome(&self, close: Option<&str>, outcome: Option<&Job>) -> Result<(), JournalError> {
         let bytes = outcome
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| self.error(e))?;
         self.write(|txn| {
-            txn.open_table(OPEN)?.remove(id)?;
-            if let Some(bytes) = &bytes {
+            if let Some(id) = close {
+                txn.open_table(OPEN)?.remove(id)?;
+            }
+            if let (Some(bytes), Some(job)) = (&bytes, outcome) {
+                let id = job.id.as_str();
                 let mut recovered = txn.open_table(RECOVERED)?;
                 recovered.insert(id, bytes.as_slice())?;
                 let mut jobs = Vec::new();
@@ -257,6 +272,8 @@ impl Journal {
 pub struct Operation {
     journal: Arc<Journal>,
     id: String,
+    /// Some clean-up step failed: the record must stay so the clean-up is retried.
+    unclean: Arc<AtomicBool>,
 }
 
 impl Operation {
@@ -267,6 +284,14 @@ impl Operation {
     /// Records `effect` durably; call it before causing the effect.
     pub fn record(&self, effect: Effect) -> Result<(), JournalError> {
         self.journal.append(&self.id, effect)
+    }
+
+    pub fn mark_unclean(&self) {
+        self.unclean.store(true, Ordering::Release);
+    }
+
+    pub fn is_unclean(&self) -> bool {
+        self.unclean.load(Ordering::Acquire)
     }
 
     /// The operation ended (succeeded or fully undone): nothing to recover.

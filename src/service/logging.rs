@@ -11,8 +11,10 @@ pub fn init(to_journal: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let journal = to_journal.then(|| tracing_journald::layer().ok()).flatten();
     let stderr = journal.is_none().then(|| {
+        // Colours only for a terminal: a log file or a pipe gets plain text.
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
     });
     // A second init (tests starting several daemons in one process) keeps the first subscriber.

@@ -26,6 +26,8 @@ use notify::Notifier;
 
 /// How often the session loop checks that xapi still answers (and keeps the session alive).
 const KEEPALIVE: Duration = Duration::from_secs(60);
+/// How soon a clean-up that failed (xapi unreachable, say) is tried again.
+const CLEANUP_RETRY: Duration = Duration::from_secs(5);
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,10 @@ impl Agent {
             ("state_dir", old.state_dir != new.state_dir),
             ("device_dir", old.device_dir != new.device_dir),
             ("qemu_img", old.qemu_img != new.qemu_img),
+            (
+                "xenapi_task_stall_timeout",
+                old.task_stall_timeout != new.task_stall_timeout,
+            ),
         ];
         let ignored: Vec<&'static str> = restart_only
             .iter()
@@ -136,6 +142,7 @@ impl Agent {
             state_dir: old.state_dir.clone(),
             device_dir: old.device_dir.clone(),
             qemu_img: old.qemu_img.clone(),
+            task_stall_timeout: old.task_stall_timeout,
             ..new
         };
         *self.settings.write().expect("lock poisoned") = Arc::new(merged);
@@ -245,6 +252,17 @@ impl Agent {
                 }
                 KEEPALIVE
             };
+            let wait = match self.mode() {
+                Some(report) if self.volumes.has_abandoned() => {
+                    self.volumes.recover_abandoned(report.vm.as_ref()).await;
+                    if self.volumes.has_abandoned() {
+                        wait.min(CLEANUP_RETRY)
+                    } else {
+                        wait
+                    }
+                }
+                _ => wait,
+            };
             notifier.status(&self.status_line());
             if let Some(signal) = first_attempt.take() {
                 let _ = signal.send(());
@@ -252,6 +270,7 @@ impl Agent {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.wake_session_loop.notified() => {}
+                _ = self.volumes.cleanup_pending.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -54,6 +54,15 @@ pub fn call(sim: &Arc<SimState>, name: &str, params: &[Value]) -> ApiResult<Valu
             })?;
             sim.hooks.set_delay(&method, millis);
         }
+        "set_hang" => {
+            arity(name, params, 2, 2)?;
+            let method = as_string(&params[0])?;
+            let hang = match &params[1] {
+                Value::Bool(b) => *b,
+                _ => return Err(ApiError::internal("simulator.set_hang: expected a boolean")),
+            };
+            sim.hooks.set_hang(&method, hang);
+        }
         "expire_sessions" => {
             arity(name, params, 0, 0)?;
             sim.db

@@ -451,8 +451,12 @@ fn pause_for(sim: &Arc<SimState>, method: &str, ctx: &Ctx) {
     }
     let delay = sim.hooks.delay(method);
     let until = Instant::now() + delay;
-    while Instant::now() < until && !ctx.cancelled() {
-        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+    while (Instant::now() < until || sim.hooks.is_hung(method)) && !ctx.cancelled() {
+        let left = until.saturating_duration_since(Instant::now());
+        std::thread::sleep(match left.is_zero() {
+            true => Duration::from_millis(20),
+            false => left.min(Duration::from_millis(20)),
+        });
     }
 }
 

@@ -68,6 +68,8 @@ struct FaultTable {
 pub struct Hooks {
     faults: Mutex<FaultTable>,
     delays: Mutex<HashMap<String, u64>>,
+    /// Methods whose calls (or tasks) stop making progress until cancelled or released.
+    hung: Mutex<std::collections::HashSet<String>>,
     call_log: Mutex<Option<(PathBuf, File)>>,
 }
 
@@ -121,6 +123,25 @@ impl Hooks {
         } else {
             delays.insert(method.to_string(), millis);
         }
+    }
+
+    pub fn set_hang(&self, method: &str, hang: bool) {
+        let mut hung = self
+            .hung
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if hang {
+            hung.insert(method.to_string());
+        } else {
+            hung.remove(method);
+        }
+    }
+
+    pub fn is_hung(&self, method: &str) -> bool {
+        self.hung
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(method)
     }
 
     /// The delay set on `method`, or else the one set on every method (`*`).

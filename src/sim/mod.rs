@@ -27,6 +27,8 @@
 //! | `simulator.inject_fault(method, nth, code, [params])` | the `nth` upcoming call of `method` (counting its `Async.` form too; 1 = the next one) fails with `[code, params...]`; for an `Async.` call the task fails |
 //! | `simulator.clear_faults()` | forgets every planned fault |
 //! | `simulator.set_delay(method, millis)` | every call of `method` takes `millis` longer (0 removes the delay); for `VDI.copy` the delay is spread over the copy so task progress can be watched |
+//! | `simulator.set_hang(method, on)` | calls of `method` (and `VDI.copy` tasks) make no progress until cancelled or released |
+//! | `simulator.set_delay("*", millis)` | the delay of every method without one of its own |
 //! | `simulator.expire_sessions()` | every session becomes invalid (`SESSION_INVALID`), as after a xapi restart |
 //! | `simulator.set_call_log(path)` | appends the call log to `path` from now on (`""` stops it) |
 //!

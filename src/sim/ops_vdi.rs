@@ -295,8 +295,12 @@ fn vdi_copy(ctx: &Ctx, args: &Args) -> ApiResult<Value> {
         };
         // Spread the configured delay over the copy so progress can be watched.
         let due = delay.mul_f64(fraction);
-        while started.elapsed() < due && !ctx.cancelled() {
-            std::thread::sleep((due - started.elapsed()).min(Duration::from_millis(20)));
+        while (started.elapsed() < due || ctx.sim.hooks.is_hung("VDI.copy")) && !ctx.cancelled() {
+            let left = due.saturating_sub(started.elapsed());
+            std::thread::sleep(match left.is_zero() {
+                true => Duration::from_millis(20),
+                false => left.min(Duration::from_millis(20)),
+            });
         }
         ctx.progress(fraction * 0.99);
         !ctx.cancelled()

@@ -246,8 +246,12 @@ fn check_batmap(img: &Image, d: &Dynamic) -> Result<u64, VhdError> {
         ));
     }
     let map_len = u64::from(h.size) * SECTOR_SIZE;
-    let map_end = h.offset + map_len;
-    if map_end > img.footer_offset {
+    // The offset is tenant-controlled: near u64::MAX the end must not wrap around.
+    let Some(map_end) = h
+        .offset
+        .checked_add(map_len)
+        .filter(|&end| end <= img.footer_offset)
+    else {
         return Err(VhdError::check(
             p,
             format!(
@@ -255,7 +259,7 @@ fn check_batmap(img: &Image, d: &Dynamic) -> Result<u64, VhdError> {
                 h.offset, img.footer_offset
             ),
         ));
-    }
+    };
     let covered = batmap::checksum_bytes(img.footer.current_size);
     if covered > map_len {
         return Err(VhdError::check(

@@ -110,6 +110,40 @@ impl VhdError {
         }
     }
 
+    /// The same error told about `path` instead of the file it concerns: an importer names
+    /// the member or image the tenant sent rather than its staging file on the share.
+    pub fn about(self, path: &Path) -> Self {
+        let path = path.to_path_buf();
+        match self {
+            VhdError::Io {
+                context, source, ..
+            } => VhdError::Io {
+                path,
+                context,
+                source,
+            },
+            VhdError::Invalid { msg, .. } => VhdError::Invalid { path, msg },
+            VhdError::Check { msg, .. } => VhdError::Check { path, msg },
+            VhdError::Chain { msg, .. } => VhdError::Chain { path, msg },
+            VhdError::Unsupported { msg, .. } => VhdError::Unsupported { path, msg },
+            VhdError::InvalidArgument { msg, .. } => VhdError::InvalidArgument { path, msg },
+            VhdError::AlreadyExists { .. } => VhdError::AlreadyExists { path },
+            VhdError::Shrink {
+                current, requested, ..
+            } => VhdError::Shrink {
+                path,
+                current,
+                requested,
+            },
+            VhdError::ShortSource { got, expected, .. } => VhdError::ShortSource {
+                path,
+                got,
+                expected,
+            },
+            VhdError::Cancelled => VhdError::Cancelled,
+        }
+    }
+
     /// True when the operation stopped because the progress callback returned false.
     pub fn is_cancelled(&self) -> bool {
         matches!(self, VhdError::Cancelled)

@@ -150,6 +150,7 @@ impl VolumeManager {
                 TaskWait {
                     poll_interval: Duration::from_millis(500),
                     timeout: None,
+                    stall_timeout: Some(self.task_stall_timeout),
                     cancel: &ctx.cancel,
                     on_progress: &mut on_progress,
                 },

@@ -111,6 +111,12 @@ fn record(effect: Effect) -> Result<(), VolumeError> {
         .map_err(|e| VolumeError::Journal(e.to_string()))
 }
 
+/// A clean-up step of the current operation failed: its journal record stays, and the
+/// clean-up is retried (see [`VolumeManager::recover_abandoned`]).
+fn mark_unclean() {
+    let _ = OPERATION.try_with(Operation::mark_unclean);
+}
+
 /// The current operation's id (VBDs are tagged with it).
 fn operation_id() -> String {
     OPERATION
@@ -125,11 +131,16 @@ pub struct VolumeManager {
     journal: Arc<Journal>,
     /// Set once operations interrupted by a crash have been finished or undone.
     recovered: AtomicBool,
+    /// Ids of the operations running now (the journal's other open records are abandoned).
+    active: Mutex<std::collections::HashSet<String>>,
+    /// Fires when an operation ended with part of its clean-up undone.
+    pub cleanup_pending: tokio::sync::Notify,
     share: Share,
     nfs_server: String,
     nfs_serverpath: String,
     device_dir: PathBuf,
     qemu_img: PathBuf,
+    task_stall_timeout: std::time::Duration,
     locks: locks::LockTable,
     host: OnceCell<Ref<Host>>,
     /// VBD plug/unplug on our VM, one at a time (xapi has had races there).
@@ -143,11 +154,14 @@ impl VolumeManager {
             xenapi,
             journal,
             recovered: AtomicBool::new(false),
+            active: Mutex::new(Default::default()),
+            cleanup_pending: tokio::sync::Notify::new(),
             share: Share::new(&settings.sr_base_path),
             nfs_server: settings.nfs_server.clone(),
             nfs_serverpath: settings.nfs_serverpath.clone(),
             device_dir: settings.device_dir.clone(),
             qemu_img: settings.qemu_img.clone(),
+            task_stall_timeout: settings.task_stall_timeout,
             locks: locks::LockTable::default(),
             host: OnceCell::new(),
             vbd_gate: tokio::sync::Mutex::new(()),
@@ -192,14 +206,28 @@ impl VolumeManager {
             ));
         }
         let id = job.map_or_else(|| uuid::Uuid::new_v4().to_string(), |ctx| ctx.id());
+        // Active before it is in the journal, so it is never taken for an abandoned one.
+        self.active.lock().expect("lock poisoned").insert(id.clone());
         self.journal
             .begin(&id, kind, volume.map(|v| v.to_string()), job.is_some())
-            .map_err(|e| VolumeError::Journal(e.to_string()))
+            .map_err(|e| {
+                self.active.lock().expect("lock poisoned").remove(&id);
+                VolumeError::Journal(e.to_string())
+            })
     }
 
+    /// The operation is over. If part of its clean-up failed (xapi unreachable, say), its
+    /// record stays in the journal and the clean-up is retried until it succeeds.
     fn end(&self, op: &Operation) {
-        if let Err(e) = op.finish() {
-            warn!(operation = op.id(), error = %e, "could not close the operation in the journal; it will be recovered at the next start");
+        let unclean = op.is_unclean();
+        if unclean {
+            warn!(operation = op.id(), "clean-up incomplete; it will be retried");
+        } else if let Err(e) = op.finish() {
+            warn!(operation = op.id(), error = %e, "could not close the operation in the journal; it will be recovered later");
+        }
+        self.active.lock().expect("lock poisoned").remove(op.id());
+        if unclean {
+            self.cleanup_pending.notify_one();
         }
     }
 

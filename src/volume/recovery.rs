@@ -37,19 +37,76 @@ impl VolumeManager {
             self.remove_tagged_vbds(vm).await?;
         }
         for op in &interrupted {
-            let outcome = self.recover_operation(op).await;
+            let (outcome, clean) = self.recover_operation(op, vm).await;
             let job = op.job.then(|| outcome.clone());
-            self.journal
-                .close_recovered(&op.id, job.as_ref())
-                .map_err(journal_error)?;
+            match (clean, &job) {
+                (true, _) => self.journal.close_recovered(&op.id, job.as_ref()),
+                (false, Some(job)) => self.journal.record_outcome(job),
+                (false, None) => Ok(()),
+            }
+            .map_err(journal_error)?;
             info!(operation = %op.id, kind = %op.kind, outcome = %outcome.message, "interrupted operation recovered");
         }
         self.recovered.store(true, Ordering::Release);
         self.journal.recovered_jobs().map_err(journal_error)
     }
 
+    /// Whether some operation ended with part of its clean-up undone.
+    pub fn has_abandoned(&self) -> bool {
+        let active = self.active.lock().expect("lock poisoned").clone();
+        self.journal
+            .open_operations()
+            .is_ok_and(|ops| ops.iter().any(|op| !active.contains(&op.id)))
+    }
+
+    /// Retries the clean-up of operations that ended with part of it undone (xapi was
+    /// unreachable, say); each goes from the journal once its clean-up has succeeded.
+    pub async fn recover_abandoned(&self, vm: Option<&Ref<Vm>>) {
+        let Ok(open) = self.journal.open_operations() else {
+            return;
+        };
+        for op in open {
+            if self.active.lock().expect("lock poisoned").contains(&op.id) {
+                continue;
+            }
+            let (outcome, clean) = self.recover_operation(&op, vm).await;
+            if clean {
+                if let Err(e) = self.journal.close_recovered(&op.id, None) {
+                    warn!(operation = %op.id, error = %e, "could not close a cleaned-up operation");
+                }
+                info!(operation = %op.id, kind = %op.kind, "clean-up of an earlier operation completed");
+            } else {
+                warn!(operation = %op.id, outcome = %outcome.message, "clean-up of an earlier operation still incomplete");
+            }
+        }
+    }
+
     /// Nothing is attached when the agent starts, so every VBD of ours on this VM is stale.
     async fn remove_tagged_vbds(&self, vm: &Ref<Vm>) -> Result<(), VolumeError> {
+        let mut cleanup = Cleanup::default();
+        self.remove_vbds_where(vm, |_| true, &mut cleanup).await?;
+        if !cleanup.failures.is_empty() {
+            warn!(failures = ?cleanup.failures, "stale VBDs of this agent could not all be removed");
+        }
+        Ok(())
+    }
+
+    async fn remove_vbds_of(&self, vm: &Ref<Vm>, operation: &str, cleanup: &mut Cleanup) {
+        if let Err(e) = self
+            .remove_vbds_where(vm, |tag| tag == operation, cleanup)
+            .await
+        {
+            cleanup.note("finding the operation's VBDs", Err::<(), _>(e));
+        }
+    }
+
+    /// Removes the VBDs on this VM whose agent tag satisfies `wanted`.
+    async fn remove_vbds_where(
+        &self,
+        vm: &Ref<Vm>,
+        wanted: impl Fn(&str) -> bool,
+        cleanup: &mut Cleanup,
+    ) -> Result<(), VolumeError> {
         let record: crate::xenapi::VmRecord = self
             .xenapi
             .get_record(vm)
@@ -64,25 +121,33 @@ impl VolumeManager {
             let Some(operation) = vbd_record.other_config.get(VBD_TAG) else {
                 continue;
             };
-            let mut cleanup = Cleanup::default();
-            self.remove_vbd(&vbd, &mut cleanup).await;
-            match cleanup.failures.is_empty() {
-                true => info!(vbd = %vbd, operation, "removed a VBD left by an interrupted operation"),
-                false => warn!(vbd = %vbd, failures = ?cleanup.failures, "a stale VBD of this agent could not be removed"),
+            if !wanted(operation) {
+                continue;
+            }
+            let failures = cleanup.failures.len();
+            self.remove_vbd(&vbd, cleanup).await;
+            if cleanup.failures.len() == failures {
+                info!(vbd = %vbd, operation, "removed a VBD left by an earlier operation");
             }
         }
         Ok(())
     }
 
     /// Undoes an operation's effects, newest first, or finishes it if its result was in place.
-    async fn recover_operation(&self, op: &OpenOperation) -> Job {
+    /// Also says whether every clean-up step succeeded.
+    async fn recover_operation(&self, op: &OpenOperation, vm: Option<&Ref<Vm>>) -> (Job, bool) {
         let committed = op.committed();
         let mut cleanup = Cleanup::default();
         let mut finished_delete = false;
         for effect in op.effects.iter().rev() {
             match effect {
                 Effect::Task { task } => self.cancel_task(&Ref::new(task)).await,
-                Effect::Vbd { .. } | Effect::Committed { .. } => {}
+                Effect::Vbd { .. } => {
+                    if let Some(vm) = vm {
+                        self.remove_vbds_of(vm, &op.id, &mut cleanup).await;
+                    }
+                }
+                Effect::Committed { .. } => {}
                 Effect::Staging { dir } => self.remove_staging(dir, &mut cleanup),
                 Effect::SrCreating => match self.srs_created_by(&op.id).await {
                     Ok(srs) => {
@@ -146,11 +211,12 @@ impl VolumeManager {
                 cleanup.failures.join("; ")
             ));
         }
+        let clean = cleanup.failures.is_empty();
         let result = op.effects.iter().find_map(|e| match e {
             Effect::Committed { volume: Some(v) } => Some(serde_json::json!({ "id": v })),
             _ => None,
         });
-        Job {
+        let job = Job {
             id: op.id.clone(),
             kind: op.kind.clone(),
             volume: op.volume.clone(),
@@ -164,7 +230,8 @@ impl VolumeManager {
             }),
             created: op.started.clone(),
             finished: Some(crate::jobs::now()),
-        }
+        };
+        (job, clean)
     }
 
     async fn cancel_task(&self, task: &Ref<Task>) {
@@ -183,6 +250,7 @@ impl VolumeManager {
                 TaskWait {
                     poll_interval: Duration::from_millis(200),
                     timeout: Some(TASK_CANCEL_WAIT),
+                    stall_timeout: None,
                     cancel: &never,
                     on_progress: &mut |_| {},
                 },

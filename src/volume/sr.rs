@@ -57,6 +57,7 @@ impl Cleanup {
         if let Err(e) = result {
             warn!(step = what, error = %e, "clean-up step failed");
             self.failures.push(format!("{what}: {e}"));
+            super::mark_unclean();
         }
     }
 }

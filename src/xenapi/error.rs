@@ -29,6 +29,13 @@ pub enum XenApiError {
         name: String,
         seconds: u64,
     },
+    /// A task's progress did not move for too long; it has been asked to cancel.
+    #[error("XenAPI task {task} ({name}) made no progress for {seconds} s and was cancelled")]
+    TaskStalled {
+        task: String,
+        name: String,
+        seconds: u64,
+    },
     /// Logins kept being redirected between pool members.
     #[error("XenAPI login: too many HOST_IS_SLAVE redirects (last master address {last})")]
     TooManyRedirects { last: String },

@@ -603,3 +603,10 @@ pub fn assert_same_image(raw: &Path, image: &Path, driver: &str, what: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+impl Sim {
+    /// The simulator's process id (to stop and continue it, as a host that hangs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("simulator stopped").id()
+    }
+}

@@ -525,7 +525,7 @@ impl Importer<'_> {
         let differencing = info.disk_type == DiskType::Differencing;
         let mut member = member;
         if !differencing {
-            member.info = vhd::check(&member.path)?;
+            member.info = vhd::check(&member.path).map_err(|e| as_member(&member.name, e))?;
             member.checked = true;
         }
         let slot = member.slot;
@@ -550,6 +550,12 @@ impl Importer<'_> {
         }
         Ok(())
     }
+}
+
+/// A VHD error about a staged member, told with the member's name: the tenant sees which
+/// member broke which rule, not where the agent stages files on the share.
+fn as_member(name: &str, e: vhd::VhdError) -> ImageError {
+    ImageError::Vhd(e.about(Path::new(&format!("member {name}"))))
 }
 
 fn leaf_hidden(name: &str) -> ImageError {
@@ -592,8 +598,8 @@ fn link(members: &mut [Member], child: usize, parent: usize) -> Result<(), Image
             c.name, c.info.virtual_size
         )));
     }
-    vhd::set_parent(&c.path, &p_path)?;
-    c.info = vhd::check(&c.path)?;
+    vhd::set_parent(&c.path, &p_path).map_err(|e| as_member(&c.name, e))?;
+    c.info = vhd::check(&c.path).map_err(|e| as_member(&c.name, e))?;
     c.checked = true;
     Ok(())
 }
@@ -681,7 +687,7 @@ fn stream<R: Read>(
             imp.admit(&name, slot)?;
             let (path, file) = imp.receive(&mut entry, &name, progress)?;
             budget_from = next_header;
-            let info = vhd::inspect(&path)?;
+            let info = vhd::inspect(&path).map_err(|e| as_member(&name, e))?;
             imp.complete(Member {
                 name,
                 slot,

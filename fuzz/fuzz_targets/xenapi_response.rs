@@ -1,0 +1,10 @@
+//! `cargo fuzz run xenapi_response`: see `harness::run_xenapi` (shared with `tests/fuzz_regressions.rs`).
+
+#![no_main]
+
+#[path = "../../tests/fuzz_regressions/harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = harness::run_xenapi(data);
+});
