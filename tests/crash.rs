@@ -111,13 +111,18 @@ fn running_job(world: &World, kind: &str) -> String {
     loop {
         let (_, out, _) = world.daemon.cli(&["job", "list", "--json"]);
         let jobs: Json = serde_json::from_str(&out).unwrap_or(Json::Null);
-        let running = jobs.as_array().into_iter().flatten().find(|j| {
-            j["kind"] == kind && j["state"] == "running"
-        });
+        let running = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["kind"] == kind && j["state"] == "running");
         if let Some(job) = running {
             return job["id"].as_str().unwrap().to_string();
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "no {kind} job started");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no {kind} job started"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -210,7 +215,10 @@ async fn a_snapshot_killed_at_any_call_is_rolled_back_or_finished() {
         "snapshot: {} kill points, {rolled_back} rolled back, {finished} finished",
         calls - 1
     );
-    assert!(rolled_back > 0 && finished > 0, "both outcomes are exercised");
+    assert!(
+        rolled_back > 0 && finished > 0,
+        "both outcomes are exercised"
+    );
 }
 
 /// A qcow2 image at least `size` long whose content is `raw`.
@@ -291,7 +299,10 @@ async fn an_image_import_killed_at_any_call_keeps_old_or_new_content_whole() {
         "import: {} kill points, {rolled_back} rolled back, {finished} finished",
         calls - 1
     );
-    assert!(rolled_back > 0, "some kills land before the new content is in");
+    assert!(
+        rolled_back > 0,
+        "some kills land before the new content is in"
+    );
 }
 
 #[tokio::test]
@@ -306,7 +317,10 @@ async fn sigterm_during_a_job_cancels_it_cleans_up_and_exits_zero() {
     let job = job["id"].as_str().unwrap().to_string();
     let started = Instant::now();
     while world.ok(&["job", "show", &job])["message"] != "copying" {
-        assert!(started.elapsed() < Duration::from_secs(20), "copy never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "copy never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let stopping = Instant::now();
@@ -356,7 +370,10 @@ async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() 
 
     // The journal knows the attachment: VBD, PBD and SR all go.
     world.ok(&["volume", "attach", &id]);
-    assert_eq!(world.sim.objects().await.vbds.len(), before.xapi.vbds.len() + 1);
+    assert_eq!(
+        world.sim.objects().await.vbds.len(),
+        before.xapi.vbds.len() + 1
+    );
     kill(&mut world);
     restart(&mut world);
     assert_eq!(footprint(&world).await, before);

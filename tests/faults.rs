@@ -58,7 +58,15 @@ async fn a_failing_vbd_plug_is_reported_and_undone() {
     let raw = world.sim.dir.path().join("disk.raw");
     patterned_raw(&raw, 4 * MIB);
     let qcow2 = world.sim.dir.path().join("disk.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", text(&raw), text(&qcow2)]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        text(&raw),
+        text(&qcow2),
+    ]);
     let before = std::fs::read(world.vhd(&id)).unwrap();
     fail_next(&world, "VBD.plug", 1, "SR_BACKEND_FAILURE_47").await;
     let error = world.fails(&["volume", "import", &id, text(&qcow2)]);
@@ -198,7 +206,7 @@ async fn an_unreachable_host_is_reported_retried_and_recovered_without_restart()
         log.iter().filter(|m| *m == "PBD.plug").count()
     };
     let plugs_before = plugs(&world);
-    let mut extend = std::process::Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
+    let extend = std::process::Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
         .arg("--socket")
         .arg(&world.daemon.socket)
         .args(["volume", "extend", &id, "--size", "2"])
@@ -229,7 +237,9 @@ async fn an_unreachable_host_is_reported_retried_and_recovered_without_restart()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     world.assert_xapi_clean().await;
-    let size = world.ok(&["volume", "show", &id])["size_gb"].as_f64().unwrap();
+    let size = world.ok(&["volume", "show", &id])["size_gb"]
+        .as_f64()
+        .unwrap();
     assert!(size == 1.0 || size == 2.0, "whole sizes only: {size}");
 }
 
@@ -301,18 +311,21 @@ async fn the_share_filling_up_during_an_import_fails_cleanly() {
 /// Pid of a `qemu-img convert` writing onto a device under `dev_dir`.
 fn converting_qemu_img(dev_dir: &Path) -> Option<i32> {
     let dev = dev_dir.to_str().unwrap();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_convert = args.first().is_some_and(|a| a.ends_with("qemu-img"))
-            && args.get(1).is_some_and(|a| a == "convert")
-            && args.iter().any(|a| a.starts_with(dev));
-        is_convert.then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_convert = args.first().is_some_and(|a| a.ends_with("qemu-img"))
+                && args.get(1).is_some_and(|a| a == "convert")
+                && args.iter().any(|a| a.starts_with(dev));
+            is_convert.then_some(pid)
+        })
 }
 
 #[tokio::test]
@@ -326,8 +339,16 @@ async fn qemu_img_killed_mid_convert_fails_the_import_and_keeps_the_volume() {
     let raw = dir.join("new.raw");
     patterned_raw(&raw, 512 * MIB);
     let qcow2 = dir.join("new.qcow2");
-    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", text(&raw), text(&qcow2)]);
-    let mut import = std::process::Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        text(&raw),
+        text(&qcow2),
+    ]);
+    let import = std::process::Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
         .arg("--socket")
         .arg(&world.daemon.socket)
         .args(["volume", "import", &id, text(&qcow2)])

@@ -181,8 +181,8 @@ impl Journal {
                 return Ok(Some(()));
             }
             record.effects.push(effect.clone());
-            let bytes = serde_json::to_vec(&record)
-                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            let bytes =
+                serde_json::to_vec(&record).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
             table.insert(id, bytes.as_slice())?;
             Ok(Some(()))
         })?;

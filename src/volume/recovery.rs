@@ -167,7 +167,9 @@ impl VolumeManager {
                     }
                 }
                 Effect::SrIntroduced { sr } => self.release_sr_by_uuid(*sr, &mut cleanup).await,
-                Effect::PbdPlugged { pbd, .. } => self.unplug_pbd(&Ref::new(pbd), &mut cleanup).await,
+                Effect::PbdPlugged { pbd, .. } => {
+                    self.unplug_pbd(&Ref::new(pbd), &mut cleanup).await
+                }
                 Effect::PbdCreated { pbd, .. } => {
                     let pbd = Ref::<Pbd>::new(pbd);
                     self.unplug_pbd(&pbd, &mut cleanup).await;
@@ -176,13 +178,9 @@ impl VolumeManager {
                         result => cleanup.note("PBD.destroy", result),
                     }
                 }
-                Effect::Replacing { sr, vdi } => self.keep_only_chain(
-                    VolumeId {
-                        sr: *sr,
-                        vdi: *vdi,
-                    },
-                    &mut cleanup,
-                ),
+                Effect::Replacing { sr, vdi } => {
+                    self.keep_only_chain(VolumeId { sr: *sr, vdi: *vdi }, &mut cleanup)
+                }
                 Effect::Deleting { sr, vdi } => {
                     let id = VolumeId { sr: *sr, vdi: *vdi };
                     if !self.share.vhd_path(id).exists() {
@@ -221,7 +219,11 @@ impl VolumeManager {
             kind: op.kind.clone(),
             volume: op.volume.clone(),
             state,
-            progress: if state == JobState::Succeeded { 100.0 } else { 0.0 },
+            progress: if state == JobState::Succeeded {
+                100.0
+            } else {
+                0.0
+            },
             message: message.clone(),
             result,
             error: (state == JobState::Failed).then(|| JobError {

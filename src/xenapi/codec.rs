@@ -106,7 +106,42 @@ pub fn int64(value: i64) -> Value {
     Value::String(value.to_string())
 }
 
+/// Deepest element nesting accepted in a response. xapi's deepest (a map inside a record inside
+/// `get_all_records`) is 16; the `xmlrpc` parser, `Value`'s `Drop` and `Debug` all recurse per
+/// level, so an unbounded depth would overflow a worker thread's stack and abort the daemon.
+const MAX_XML_DEPTH: usize = 64;
+
+/// Refuses bodies nested deeper than [`MAX_XML_DEPTH`] (and bodies that are not well-formed
+/// enough to tell), without recursion, before the recursive parser sees them.
+fn check_depth(body: &[u8]) -> Result<(), String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(body);
+    let mut depth = 0usize;
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(_)) => {
+                depth += 1;
+                if depth > MAX_XML_DEPTH {
+                    return Err(format!(
+                        "response is nested deeper than {MAX_XML_DEPTH} elements"
+                    ));
+                }
+            }
+            Ok(Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Event::Eof) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(format!(
+                    "response is not well-formed XML at byte {}: {e}",
+                    reader.error_position()
+                ));
+            }
+        }
+    }
+}
+
 fn parse_method_response(body: &[u8]) -> Result<Value, String> {
+    check_depth(body)?;
     // `xmlrpc` only parses responses through a transport; hand it the body we already have.
     struct Received<'a>(&'a [u8]);
     impl<'a> xmlrpc::Transport for Received<'a> {
@@ -176,6 +211,18 @@ mod tests {
         assert!(decode_response(b"<html>502 Bad Gateway</html>").is_err());
         let no_status = r#"<?xml version="1.0"?><methodResponse><params><param><value>x</value></param></params></methodResponse>"#;
         assert!(decode_response(no_status.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn refuses_deep_nesting_before_the_recursive_parser() {
+        let deep = format!(
+            "<?xml version=\"1.0\"?><methodResponse><params><param>{}<value>x</value>{}</param></params></methodResponse>",
+            "<value><array><data>".repeat(5000),
+            "</data></array></value>".repeat(5000)
+        );
+        let err = decode_response(deep.as_bytes()).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+        assert!(decode_task_result(&"<value><array><data>".repeat(5000)).is_err());
     }
 
     #[test]
