@@ -5,7 +5,9 @@
 //! found, hex-encoded). Each must end in `Ok` or a clean error; a panic fails the test, naming
 //! the input.
 //!
-//! The fuzz targets themselves run with `scripts/fuzz` (not in CI: too long).
+//! `FUZZ_REGRESSIONS_VERBOSE=1 cargo test --test fuzz_regressions -- --nocapture` prints the
+//! outcome of every input. The fuzz targets themselves run with `scripts/fuzz` (not in CI: too
+//! long).
 
 #[path = "fuzz_regressions/harness.rs"]
 mod harness;
@@ -32,8 +34,17 @@ fn replay(name: &str, inputs: &[(String, Vec<u8>)]) -> (usize, usize) {
     let run = target(name);
     let mut failed = Vec::new();
     let (mut ok, mut refused) = (0, 0);
+    let verbose = std::env::var_os("FUZZ_REGRESSIONS_VERBOSE").is_some();
     for (input, data) in inputs {
-        match catch_unwind(AssertUnwindSafe(|| run(data))) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(data)));
+        if verbose {
+            match &outcome {
+                Ok(Ok(())) => eprintln!("{name}/{input}: ok"),
+                Ok(Err(e)) => eprintln!("{name}/{input}: {e}"),
+                Err(_) => eprintln!("{name}/{input}: PANIC"),
+            }
+        }
+        match outcome {
             Ok(Ok(())) => ok += 1,
             Ok(Err(e)) => {
                 assert!(!e.is_empty(), "{name}/{input}: empty error message");

@@ -153,7 +153,7 @@ impl ApiClient {
     pub async fn follow_job(
         &self,
         id: &str,
-        on_update: &mut dyn FnMut(&crate::jobs::Job),
+        on_update: &mut (dyn FnMut(&crate::jobs::Job) + Send),
     ) -> Result<crate::jobs::Job, ClientError> {
         let response = self
             .send("GET", &format!("/v1/jobs/{id}/events"), None)

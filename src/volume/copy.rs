@@ -84,6 +84,12 @@ impl VolumeManager {
     ) -> Result<Volume, VolumeError> {
         let _lock = self.locks.lock(source.sr).await;
         let origin = self.check_copy(source, size_gb, name.as_deref())?;
+        if let Some(attached) = self.attached.lock().expect("lock poisoned").get(&source) {
+            return Err(VolumeError::Conflict(format!(
+                "volume {source} is attached to this VM at {}; XenServer cannot copy a disk attached read-write, detach it first",
+                attached.device.display()
+            )));
+        }
         let name = name.unwrap_or(origin.name.clone());
         let description = origin.description.clone();
         ctx.progress(1.0, format!("attaching {source}"));
@@ -167,6 +173,9 @@ impl VolumeManager {
                 )),
             },
             Err(XenApiError::TaskCancelled { .. }) => Err(VolumeError::Cancelled),
+            Err(e) if e.is("VDI_IN_USE") => Err(VolumeError::Conflict(format!(
+                "the volume is attached read-write to a VM, and XenServer cannot copy it then ({e})"
+            ))),
             Err(e) => Err(VolumeError::xenapi("copying the VDI")(e)),
         }
     }

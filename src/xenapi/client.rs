@@ -241,6 +241,12 @@ impl XenApiClient {
             return Ok(found);
         }
         let result = self.login().await;
+        if let Err(e) = &result {
+            // A refused login (a wrong password, a redirect loop) leaves no session just as an
+            // unreachable host does: the connection state must say why.
+            self.current.write().expect("lock poisoned").last_error = Some(e.to_string());
+            return result;
+        }
         self.remember(result)
     }
 

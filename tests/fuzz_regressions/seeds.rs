@@ -495,11 +495,17 @@ fn nasty_vhds(tap: &[u8]) -> Seeds {
         "chain-wrong-uuid",
         join_files(&[diff(U_LEAF, U_MID, "1.vhd"), good.clone()]),
     );
-    let mut small_parent = good.clone();
-    edit_footers(&mut small_parent, |f| put_u64(f, 48, 128 * 1024));
+    let big_parent = dynamic_vhd(&Spec {
+        disk_type: TYPE_DYNAMIC,
+        size: 128 * 1024,
+        block_size: 4096,
+        uuid: U_BASE,
+        parent: None,
+        blocks: &[],
+    });
     add(
         "chain-child-smaller",
-        join_files(&[diff(U_LEAF, U_BASE, "1.vhd"), small_parent]),
+        join_files(&[diff(U_LEAF, U_BASE, "1.vhd"), big_parent]),
     );
     out
 }
@@ -669,7 +675,7 @@ pub fn tgz_seeds() -> Seeds {
     nasty(
         "pax-sparse",
         tar_of(&[
-            (b"pax", b'x', b"30 GNU.sparse.major=1\n"),
+            (b"pax", b'x', b"22 GNU.sparse.major=1\n"),
             (b"0.vhd", REG, &single),
         ]),
     );
@@ -683,7 +689,7 @@ pub fn tgz_seeds() -> Seeds {
     nasty(
         "pax-global",
         tar_of(&[
-            (b"g", b'g', b"20 comment=hello!!\n"),
+            (b"g", b'g', b"19 comment=hello!!\n"),
             (b"0.vhd", REG, &single),
         ]),
     );
