@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::ApiError;
 use super::metrics::{before_job, metered_chunks, metered_source};
+use super::{ApiError, JsonObject};
 use crate::image::ImageFormat;
 use crate::image::transfer::{ChannelWriter, UrlSpec, chunk_stream};
 use crate::jobs::{Job, JobState};
@@ -66,6 +66,31 @@ pub struct ExportRequest {
     pub headers: Vec<String>,
 }
 
+/// Refuses a body that is neither image bytes nor a JSON URL request: form data (what
+/// `curl -d` sends) or a body without a type would otherwise be taken as a raw image.
+fn check_content_type(request: &Request) -> Result<(), ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    match content_type.as_deref() {
+        Some(t)
+            if t.starts_with("application/json") || t.starts_with("application/octet-stream") =>
+        {
+            Ok(())
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request",
+            format!(
+                "request body: send the image as `Content-Type: application/octet-stream`, or a \
+                 URL as `Content-Type: application/json` (got {})",
+                other.map_or("no content type".to_string(), crate::volume::id::quoted)
+            ),
+        )),
+    }
+}
+
 /// The image source of a request: its body, or the URL its JSON body names.
 async fn source(request: Request) -> Result<(ImageSource, bool), ApiError> {
     let is_json = request
@@ -82,8 +107,17 @@ async fn source(request: Request) -> Result<(ImageSource, bool), ApiError> {
     if is_json {
         let bytes = axum::body::to_bytes(body, super::BODY_LIMIT)
             .await
-            .map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-        let spec: UrlSpec = serde_json::from_slice(&bytes)
+            .map_err(|e| {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+                let status = if too_large {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                ApiError::new(status, "invalid_request", format!("request body: {e}"))
+            })?;
+        let JsonObject(spec): JsonObject<UrlSpec> = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
         spec.validate().map_err(ApiError::invalid)?;
         return Ok((ImageSource::Url(spec), true));
@@ -136,6 +170,7 @@ pub async fn import(
             "size_gb, name and description are for new volumes (POST /v1/volumes/import)",
         ));
     }
+    check_content_type(&request)?;
     before_job(&agent, "import", async {
         agent.require_xenapi()?;
         Ok(agent.volumes.show(id)?)
@@ -163,6 +198,7 @@ pub async fn create(
     request: Request,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
+    check_content_type(&request)?;
     before_job(&agent, "create-from-image", async {
         agent.require_xenapi()
     })
@@ -222,10 +258,10 @@ pub async fn export(
 pub async fn export_url(
     State(agent): State<Arc<Agent>>,
     id: Id,
-    body: Result<Json<ExportRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<JsonObject<ExportRequest>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let id = volume_id(id)?;
-    let Json(request) = body?;
+    let Json(JsonObject(request)) = body?;
     let spec = UrlSpec {
         url: request.url,
         headers: request.headers,

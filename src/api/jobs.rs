@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
@@ -12,11 +13,14 @@ use super::ApiError;
 use crate::jobs::Job;
 use crate::service::Agent;
 
+/// A job id from the path; one that is not even text is refused in the API's error shape.
+type JobId = Result<Path<String>, PathRejection>;
+
 fn unknown(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        format!("job {id} does not exist"),
+        format!("job {} does not exist", crate::volume::id::quoted(id)),
     )
 }
 
@@ -24,25 +28,19 @@ pub async fn list(State(agent): State<Arc<Agent>>) -> Json<Vec<Job>> {
     Json(agent.jobs.list())
 }
 
-pub async fn show(
-    State(agent): State<Arc<Agent>>,
-    Path(id): Path<String>,
-) -> Result<Json<Job>, ApiError> {
+pub async fn show(State(agent): State<Arc<Agent>>, id: JobId) -> Result<Json<Job>, ApiError> {
+    let Path(id) = id?;
     agent.jobs.get(&id).map(Json).ok_or_else(|| unknown(&id))
 }
 
-pub async fn cancel(
-    State(agent): State<Arc<Agent>>,
-    Path(id): Path<String>,
-) -> Result<Json<Job>, ApiError> {
+pub async fn cancel(State(agent): State<Arc<Agent>>, id: JobId) -> Result<Json<Job>, ApiError> {
+    let Path(id) = id?;
     agent.jobs.cancel(&id).map(Json).ok_or_else(|| unknown(&id))
 }
 
 /// The job as newline-delimited JSON, one line per change, until it has finished.
-pub async fn events(
-    State(agent): State<Arc<Agent>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn events(State(agent): State<Arc<Agent>>, id: JobId) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let updates = agent.jobs.subscribe(&id).ok_or_else(|| unknown(&id))?;
     // State: the receiver, whether a line was sent already, whether the job had finished.
     let stream = futures_util::stream::unfold(

@@ -5,16 +5,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use super::ApiError;
 use super::metrics::{before_job, counted};
+use super::{ApiError, JsonObject};
 use crate::jobs::Job;
 use crate::service::Agent;
 use crate::volume::{ConnectionInfo, CopyKind, Stats, Volume, VolumeId};
 
-type Body<T> = Result<Json<T>, JsonRejection>;
+type Body<T> = Result<Json<JsonObject<T>>, JsonRejection>;
 type Id = Result<Path<(String, String)>, PathRejection>;
 
 fn volume_id(path: Id) -> Result<VolumeId, ApiError> {
@@ -22,11 +22,16 @@ fn volume_id(path: Id) -> Result<VolumeId, ApiError> {
     VolumeId::parse(&format!("{sr}/{vdi}")).map_err(ApiError::invalid)
 }
 
-/// A body that may be absent: an empty request body means "all defaults".
-fn optional<T: Default>(body: Body<T>) -> Result<T, ApiError> {
+/// A body that may be absent: an empty request body means "all defaults". A body that is
+/// there but not declared JSON is refused, not ignored.
+fn optional<T: Default>(headers: &HeaderMap, body: Body<T>) -> Result<T, ApiError> {
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length != "0");
     match body {
-        Ok(Json(value)) => Ok(value),
-        Err(JsonRejection::MissingJsonContentType(_)) => Ok(T::default()),
+        Ok(Json(JsonObject(value))) => Ok(value),
+        Err(JsonRejection::MissingJsonContentType(_)) if !has_body => Ok(T::default()),
         Err(JsonRejection::JsonSyntaxError(e))
             if e.body_text()
                 .contains("EOF while parsing a value at line 1 column 0") =>
@@ -76,7 +81,7 @@ pub async fn create(
     State(agent): State<Arc<Agent>>,
     body: Body<CreateRequest>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
-    let Json(request) = body?;
+    let Json(JsonObject(request)) = body?;
     let volume = counted(&agent, "create", async {
         agent.require_xenapi()?;
         Ok(agent
@@ -108,7 +113,7 @@ pub async fn extend(
     body: Body<ExtendRequest>,
 ) -> Result<Json<Volume>, ApiError> {
     let id = volume_id(id)?;
-    let Json(request) = body?;
+    let Json(JsonObject(request)) = body?;
     let volume = counted(&agent, "extend", async {
         agent.require_xenapi()?;
         Ok(agent.volumes.extend(id, request.size_gb).await?)
@@ -128,10 +133,11 @@ async fn start_copy(
     agent: Arc<Agent>,
     kind: CopyKind,
     id: Id,
+    headers: HeaderMap,
     body: Body<CopyRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let source = volume_id(id)?;
-    let request = optional(body)?;
+    let request = optional(&headers, body)?;
     if kind != CopyKind::FromSnapshot && request.size_gb.is_some() {
         return Err(ApiError::invalid(format!(
             "size_gb is only accepted by from-snapshot, not {}",
@@ -163,25 +169,28 @@ async fn start_copy(
 pub async fn snapshot(
     State(agent): State<Arc<Agent>>,
     id: Id,
+    headers: HeaderMap,
     body: Body<CopyRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    start_copy(agent, CopyKind::Snapshot, id, body).await
+    start_copy(agent, CopyKind::Snapshot, id, headers, body).await
 }
 
 pub async fn clone(
     State(agent): State<Arc<Agent>>,
     id: Id,
+    headers: HeaderMap,
     body: Body<CopyRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    start_copy(agent, CopyKind::Clone, id, body).await
+    start_copy(agent, CopyKind::Clone, id, headers, body).await
 }
 
 pub async fn from_snapshot(
     State(agent): State<Arc<Agent>>,
     id: Id,
+    headers: HeaderMap,
     body: Body<CopyRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    start_copy(agent, CopyKind::FromSnapshot, id, body).await
+    start_copy(agent, CopyKind::FromSnapshot, id, headers, body).await
 }
 
 pub async fn attach(

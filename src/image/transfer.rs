@@ -17,6 +17,7 @@ use super::ImageError;
 
 /// An http(s) location with extra request headers (e.g. `X-Auth-Token`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct UrlSpec {
     pub url: String,
     #[serde(default)]

@@ -13,13 +13,26 @@ pub struct VolumeId {
     pub vdi: Uuid,
 }
 
+/// Caller input quoted for an error message: escaped, and cut short when it is long (a
+/// hostile id may be hundreds of kilobytes).
+pub fn quoted(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &text[..end], text.len()),
+    }
+}
+
 impl VolumeId {
     /// Parses both halves strictly: exactly two hyphenated UUIDs and nothing else, so no caller
     /// input can ever name a path outside the share.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (sr, vdi) = text
-            .split_once('/')
-            .ok_or_else(|| format!("volume id {text:?} is not of the form <sr_uuid>/<vdi_uuid>"))?;
+        let (sr, vdi) = text.split_once('/').ok_or_else(|| {
+            format!(
+                "volume id {} is not of the form <sr_uuid>/<vdi_uuid>",
+                quoted(text)
+            )
+        })?;
         Ok(VolumeId {
             sr: parse_uuid(sr, "SR")?,
             vdi: parse_uuid(vdi, "VDI")?,
@@ -29,10 +42,11 @@ impl VolumeId {
 
 /// A hyphenated UUID (36 characters), the only form xapi uses.
 pub fn parse_uuid(text: &str, what: &str) -> Result<Uuid, String> {
+    let refused = || format!("{what} uuid {} is not a UUID", quoted(text));
     if text.len() != 36 {
-        return Err(format!("{what} uuid {text:?} is not a UUID"));
+        return Err(refused());
     }
-    Uuid::parse_str(text).map_err(|_| format!("{what} uuid {text:?} is not a UUID"))
+    Uuid::parse_str(text).map_err(|_| refused())
 }
 
 impl fmt::Display for VolumeId {
@@ -85,5 +99,14 @@ mod tests {
         ] {
             assert!(VolumeId::parse(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn long_input_is_cut_short_in_messages() {
+        let long = format!("{}/x", "\u{e9}".repeat(10_000));
+        let message = VolumeId::parse(&long).unwrap_err();
+        assert!(message.len() < 200, "{message}");
+        assert!(message.contains("(20000 bytes)"), "{message}");
+        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
     }
 }
