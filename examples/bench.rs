@@ -217,10 +217,10 @@ fn last_call_seconds(log: &Path, method: &str) -> anyhow::Result<f64> {
     let text = std::fs::read_to_string(log)?;
     let millis = text
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["method"] == method)
-        .filter_map(|e| e["ms"].as_f64())
-        .last()
+        .find_map(|e| e["ms"].as_f64())
         .ok_or_else(|| anyhow::anyhow!("no {method} in the call log"))?;
     Ok(millis / 1000.0)
 }
