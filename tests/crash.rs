@@ -393,3 +393,37 @@ async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() 
     world.ok(&["volume", "attach", &id]);
     world.ok(&["volume", "detach", &id]);
 }
+
+#[tokio::test]
+async fn sighup_during_a_job_reloads_and_the_job_completes() {
+    let world = World::start().await;
+    let source = world.create(1, "busy");
+    world
+        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(3_000)])
+        .await;
+    let job = world.ok(&["volume", "snapshot", &source, "--no-wait"]);
+    let job = job["id"].as_str().unwrap().to_string();
+    let config = world.sim.dir.path().join("xenapinfs.toml");
+    let changed = std::fs::read_to_string(&config).unwrap() + "xenapi_request_timeout = 30\n";
+    std::fs::write(&config, changed).unwrap();
+    let pid = world.daemon.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let done = loop {
+        let record = world.ok(&["job", "show", &job]);
+        if record["state"] != "running" {
+            break record;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "job never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let status = world.ok(&["status"]);
+    assert_ne!(status["mode"], "undecided", "{status}");
+    world.ok(&["volume", "delete", done["result"]["id"].as_str().unwrap()]);
+    world.assert_xapi_clean().await;
+}
