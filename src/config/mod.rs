@@ -137,10 +137,10 @@ pub fn load_cinder(
     validate(raw, path, credentials_dir)
 }
 
-/// A TOML error as `line L, column C: message`, without the source line toml quotes: that
-/// line may hold the password. On the password's line, quoted values leave the message too.
+/// A TOML error as `line L, column C, key K: message`, without the source line toml quotes:
+/// that line may hold the password, and on the password's line the message is not shown either.
 fn syntax_message(text: &str, error: &toml::de::Error) -> String {
-    let mut message = error.message().trim_end().replace('\n', " ");
+    let message = error.message().trim_end().replace('\n', " ");
     let Some(span) = error.span() else {
         return message;
     };
@@ -149,15 +149,23 @@ fn syntax_message(text: &str, error: &toml::de::Error) -> String {
     let line_number = before.matches('\n').count() + 1;
     let column = before[line_start..].chars().count() + 1;
     let line = text[line_start..].lines().next().unwrap_or("");
-    if line.trim_start().starts_with("xenapi_connection_password") {
-        message = message
-            .split('`')
-            .enumerate()
-            .map(|(i, part)| if i % 2 == 1 { "******" } else { part })
-            .collect::<Vec<_>>()
-            .join("`");
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+    let at = format!("line {line_number}, column {column}");
+    match key {
+        Some(key) if key.starts_with("xenapi_connection_password") => {
+            format!("{at}, key {key}: the value is not valid (not shown: it may be the password)")
+        }
+        Some(key) => format!("{at}, key {key}: {message}"),
+        None => format!("{at}: {message}"),
     }
-    format!("line {line_number}, column {column}: {message}")
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
