@@ -973,10 +973,9 @@ async fn http_garbage_closes_the_connection_and_the_daemon_keeps_serving() {
             "two lengths",
             b"POST /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 14\r\n\r\n{\"size_gb\": 1}".to_vec(),
         ),
-        (
-            "a length and chunked",
-            b"POST /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\nTransfer-Encoding: chunked\r\n\r\ne\r\n{\"size_gb\": 1}\r\n0\r\n\r\n".to_vec(),
-        ),
+        // Content-Length with chunked framing is not here: hyper reads such a request by its
+        // chunks alone and closes the connection afterwards, as RFC 9112 section 6.3 allows,
+        // so a well-formed one is served.
         (
             "a bad chunk size",
             b"POST /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
