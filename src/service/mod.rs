@@ -296,7 +296,10 @@ impl Agent {
         if self.volumes.is_recovered() {
             return Ok(());
         }
-        notifier.status("recovering operations interrupted by the last stop");
+        // Nothing runs yet, so every operation still in the journal was interrupted.
+        if self.volumes.has_abandoned() {
+            notifier.status("recovering operations interrupted by the last stop");
+        }
         let jobs = self.volumes.recover(report.vm.as_ref()).await?;
         self.jobs.restore(jobs);
         Ok(())
