@@ -52,9 +52,16 @@ state_dir = "$work/state"
 hypervisor_uuid_path = "$work/hypervisor-uuid"
 device_dir = "$work/dev"
 CONF
-  "$bin/xenapinfsd" --config "$work/xenapinfs.toml" 2> "$work/daemon.log" &
-  daemon_pid=$!
   export XENAPINFS_SOCKET="$work/xenapinfs.sock"
+  world_start_daemon
+}
+
+# Starts xenapinfsd on the world's configuration (again, after a crash) and waits until it
+# serves, which is after it has recovered what the last stop interrupted.
+world_start_daemon() {
+  rm -f "$XENAPINFS_SOCKET"
+  "$bin/xenapinfsd" --config "$work/xenapinfs.toml" 2>> "$work/daemon.log" &
+  daemon_pid=$!
   for _ in $(seq 200); do
     if "$bin/xenapinfs" status --json 2>/dev/null | grep -q '"mode": "\(local\|remote\)"'; then return 0; fi
     sleep 0.05
@@ -62,6 +69,13 @@ CONF
   cat "$work/daemon.log" >&2
   echo "xenapinfsd did not reach the simulator" >&2
   exit 1
+}
+
+# Calls one of the simulator's own control methods: sim_control set_delay VDI.copy 4000
+sim_control() {
+  python3 -c 'import sys, xmlrpc.client
+args = [int(a) if a.isdigit() else a for a in sys.argv[3:]]
+getattr(xmlrpc.client.ServerProxy(sys.argv[1]).simulator, sys.argv[2])(*args)' "$url" "$@"
 }
 
 # Prints a field of the JSON document on stdin: json_field id
