@@ -54,6 +54,9 @@ pub enum Effect {
     /// New content is about to be moved into an existing volume: afterwards its SR directory
     /// must hold exactly the chain of `<vdi>.vhd` (plus the metadata file).
     Replacing { sr: Uuid, vdi: Uuid },
+    /// The staged leaf with inode `inode` is about to be renamed over the volume's VHD: if
+    /// the volume's VHD has that inode at recovery, the new content is in place.
+    Swapping { sr: Uuid, vdi: Uuid, inode: u64 },
     /// The volume is being deleted; finished at recovery if its VHD is already gone.
     Deleting { sr: Uuid, vdi: Uuid },
     /// The result is in place; what remains is releasing what was borrowed.

@@ -609,6 +609,14 @@ impl VolumeManager {
             std::fs::rename(parent, sr_dir.join(name))
                 .map_err(VolumeError::io("moving a parent VHD into the SR"))?;
         }
+        let inode = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(leaf).map_err(VolumeError::io("reading the staged leaf"))?,
+        );
+        record(Effect::Swapping {
+            sr: id.sr,
+            vdi: id.vdi,
+            inode,
+        })?;
         std::fs::rename(leaf, &current)
             .map_err(VolumeError::io("moving the new content into place"))?;
         record(Effect::Committed {

@@ -69,6 +69,12 @@ impl VolumeManager {
             if self.active.lock().expect("lock poisoned").contains(&op.id) {
                 continue;
             }
+            // New operations on the same volume wait, so the retry never undoes their work.
+            let volume = op.volume.as_deref().and_then(|v| v.parse::<VolumeId>().ok());
+            let _lock = match volume {
+                Some(id) => Some(self.locks.lock(id.sr).await),
+                None => None,
+            };
             let (outcome, clean) = self.recover_operation(&op, vm).await;
             if clean {
                 if let Err(e) = self.journal.close_recovered(&op.id, None) {
@@ -136,7 +142,7 @@ impl VolumeManager {
     /// Undoes an operation's effects, newest first, or finishes it if its result was in place.
     /// Also says whether every clean-up step succeeded.
     async fn recover_operation(&self, op: &OpenOperation, vm: Option<&Ref<Vm>>) -> (Job, bool) {
-        let committed = op.committed();
+        let committed = op.committed() || self.swapped_in(op);
         let mut cleanup = Cleanup::default();
         let mut finished_delete = false;
         for effect in op.effects.iter().rev() {
@@ -147,7 +153,7 @@ impl VolumeManager {
                         self.remove_vbds_of(vm, &op.id, &mut cleanup).await;
                     }
                 }
-                Effect::Committed { .. } => {}
+                Effect::Committed { .. } | Effect::Swapping { .. } => {}
                 Effect::Staging { dir } => self.remove_staging(dir, &mut cleanup),
                 Effect::SrCreating => match self.srs_created_by(&op.id).await {
                     Ok(srs) => {
@@ -212,6 +218,9 @@ impl VolumeManager {
         let clean = cleanup.failures.is_empty();
         let result = op.effects.iter().find_map(|e| match e {
             Effect::Committed { volume: Some(v) } => Some(serde_json::json!({ "id": v })),
+            Effect::Swapping { sr, vdi, .. } if committed => {
+                Some(serde_json::json!({ "id": VolumeId { sr: *sr, vdi: *vdi }.to_string() }))
+            }
             _ => None,
         });
         let job = Job {
@@ -234,6 +243,19 @@ impl VolumeManager {
             finished: Some(crate::jobs::now()),
         };
         (job, clean)
+    }
+
+    /// Whether an import's new leaf was renamed into place (the crash came before the journal
+    /// heard of it): the volume's VHD is the very file that was staged.
+    fn swapped_in(&self, op: &OpenOperation) -> bool {
+        op.effects.iter().any(|e| match e {
+            Effect::Swapping { sr, vdi, inode } => {
+                let path = self.share.vhd_path(VolumeId { sr: *sr, vdi: *vdi });
+                std::fs::metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *inode)
+            }
+            _ => false,
+        })
     }
 
     async fn cancel_task(&self, task: &Ref<Task>) {
