@@ -199,7 +199,9 @@ fn main() -> anyhow::Result<()> {
         timed(|| world.cli(&["volume", "create", "--size", "2", "--image", text(&qcow2)]))?;
     let unplug = last_call_seconds(&dir.join("calls.jsonl"), "VBD.unplug")?;
     let bare = bare_convert_onto_fuse(dir, &qcow2)?;
-    println!("qcow2 import in local mode (upload, attach, qemu-img convert onto the device, detach):");
+    println!(
+        "qcow2 import in local mode (upload, attach, qemu-img convert onto the device, detach):"
+    );
     println!("  xenapinfs         {ours:>7.2} s");
     println!(
         "  bare qemu-img     {bare:>7.2} s   overhead {:.0}% (goal <= 10%)",
@@ -286,20 +288,10 @@ fn build_chain(dir: &Path, layers: &[Vec<u64>]) -> anyhow::Result<Vec<PathBuf>> 
     Ok(chain)
 }
 
-/// The merged chain into a sparse raw file, block by block, as the agent exports raw.
+/// The merged chain into a sparse raw file, as the agent exports raw.
 fn chain_to_raw(leaf: &Path, out: &Path) -> anyhow::Result<String> {
-    let mut reader = vhd::ChainReader::open(leaf)?;
-    let size = reader.virtual_size();
-    let mut file = std::fs::File::create(out)?;
-    let mut buffer = vec![0u8; BLOCK as usize];
-    for block in 0..size.div_ceil(BLOCK) {
-        if reader.allocated(block) {
-            reader.read_at(block * BLOCK, &mut buffer)?;
-            file.seek(SeekFrom::Start(block * BLOCK))?;
-            file.write_all(&buffer)?;
-        }
-    }
-    file.set_len(size)?;
+    let file = std::fs::File::create(out)?;
+    vhd::write_raw(leaf, &file, out, &mut |_, _| true)?;
     Ok(String::new())
 }
 

@@ -7,23 +7,18 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use support::{make_image, text};
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use support::{
-    Daemon, World, XapiObjects, assert_same_disk, patterned_raw, qemu_img, s, staging_leftovers,
-};
+use support::{Daemon, World, XapiObjects, assert_same_disk, patterned_raw, s, staging_leftovers};
 use xenapinfs::xenapi::codec::Value as Xml;
 
 const MIB: u64 = 1 << 20;
 
 /// Delay of every XenAPI call while an operation is being cut short.
 const CALL_DELAY_MS: i32 = 150;
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Everything a crash could leave behind, as seen from outside the agent.
 #[derive(Debug, PartialEq)]
@@ -225,21 +220,6 @@ async fn a_snapshot_killed_at_any_call_is_rolled_back_or_finished() {
     );
 }
 
-/// A qcow2 image at least `size` long whose content is `raw`.
-fn qcow2_of(raw: &Path, dir: &Path) -> PathBuf {
-    let image = dir.join("new.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        text(raw),
-        text(&image),
-    ]);
-    image
-}
-
 #[tokio::test]
 async fn an_image_import_killed_at_any_call_keeps_old_or_new_content_whole() {
     let mut world = World::start().await;
@@ -249,7 +229,8 @@ async fn an_image_import_killed_at_any_call_keeps_old_or_new_content_whole() {
     let new = dir.join("new.raw");
     let new_len = 8 * MIB as usize;
     std::fs::write(&new, vec![0x5a; new_len]).unwrap();
-    let image = qcow2_of(&new, &dir);
+    let image = dir.join("new.qcow2");
+    make_image(&new, "qcow2", &image);
     let volume = world.ok(&["volume", "create", "--size", "1", "--image", text(&old)]);
     let id = volume["id"].as_str().unwrap().to_string();
     let before = footprint(&world).await;
@@ -323,11 +304,7 @@ async fn sigterm_during_a_job_cancels_it_cleans_up_and_exits_zero() {
     let mut world = World::start().await;
     let source = world.create(1, "busy");
     let before = footprint(&world).await;
-    world
-        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(20_000)])
-        .await;
-    let job = world.ok(&["volume", "snapshot", &source, "--no-wait"]);
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = world.slow_snapshot(&source, 20_000).await;
     let started = Instant::now();
     while world.ok(&["job", "show", &job])["message"] != "copying" {
         assert!(
@@ -411,11 +388,7 @@ async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() 
 async fn sighup_during_a_job_reloads_and_the_job_completes() {
     let world = World::start().await;
     let source = world.create(1, "busy");
-    world
-        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(3_000)])
-        .await;
-    let job = world.ok(&["volume", "snapshot", &source, "--no-wait"]);
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = world.slow_snapshot(&source, 3_000).await;
     let config = world.sim.dir.path().join("xenapinfs.toml");
     let changed = std::fs::read_to_string(&config).unwrap() + "xenapi_request_timeout = 30\n";
     std::fs::write(&config, changed).unwrap();

@@ -7,22 +7,19 @@
 
 mod support;
 
+use support::{make_image, text};
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use support::{
-    Sim, SimOptions, World, assert_same_disk, daemon_config, patterned_raw, qemu_img, s,
-    staging_leftovers,
+    Sim, SimOptions, World, assert_same_disk, daemon_config, patterned_raw, s, staging_leftovers,
 };
 use xenapinfs::xenapi::codec::Value as Xml;
 
 const MIB: u64 = 1 << 20;
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 async fn fail_next(world: &World, method: &str, times: i32, code: &str) {
     for nth in 1..=times {
@@ -58,15 +55,7 @@ async fn a_failing_vbd_plug_is_reported_and_undone() {
     let raw = world.sim.dir.path().join("disk.raw");
     patterned_raw(&raw, 4 * MIB);
     let qcow2 = world.sim.dir.path().join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        text(&raw),
-        text(&qcow2),
-    ]);
+    make_image(&raw, "qcow2", &qcow2);
     let before = std::fs::read(world.vhd(&id)).unwrap();
     fail_next(&world, "VBD.plug", 1, "SR_BACKEND_FAILURE_47").await;
     let error = world.fails(&["volume", "import", &id, text(&qcow2)]);
@@ -119,11 +108,7 @@ async fn a_copy_task_that_hangs_is_cancelled_after_the_stall_timeout() {
 async fn a_session_expiring_during_a_copy_is_invisible_to_the_user() {
     let world = World::start().await;
     let id = world.create(1, "source");
-    world
-        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(3_000)])
-        .await;
-    let job = world.ok(&["volume", "snapshot", &id, "--no-wait"]);
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = world.slow_snapshot(&id, 3_000).await;
     eventually(Duration::from_secs(20), "copy under way", || {
         world.ok(&["job", "show", &job])["progress"]
             .as_f64()
@@ -339,15 +324,7 @@ async fn qemu_img_killed_mid_convert_fails_the_import_and_keeps_the_volume() {
     let raw = dir.join("new.raw");
     patterned_raw(&raw, 512 * MIB);
     let qcow2 = dir.join("new.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        text(&raw),
-        text(&qcow2),
-    ]);
+    make_image(&raw, "qcow2", &qcow2);
     let import = std::process::Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
         .arg("--socket")
         .arg(&world.daemon.socket)

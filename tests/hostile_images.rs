@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::text;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,10 +39,6 @@ struct Control {
     what: String,
     size: u64,
     sha256_raw: String,
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn generate_corpus(dir: &Path) -> (Vec<Case>, Vec<Control>) {

@@ -11,6 +11,8 @@
 
 mod support;
 
+use support::text;
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,10 +30,6 @@ const SECTORS_PER_BLOCK: usize = (BLOCK / SECTOR) as usize;
 
 fn remote() -> &'static str {
     "mode = \"remote\"\n"
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// One allocated block of a layer: which sectors the layer holds, and the bytes stored in

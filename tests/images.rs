@@ -3,8 +3,10 @@
 
 mod support;
 
+use support::{make_image, text};
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use support::{
@@ -17,24 +19,6 @@ const GIB: u64 = 1 << 30;
 
 fn remote() -> &'static str {
     "mode = \"remote\"\n"
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// `qemu-img convert` of the raw `source` into `format` at `target`.
-fn make_image(source: &Path, format: &str, target: &Path) {
-    let driver = if format == "vhd" { "vpc" } else { format };
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        driver,
-        text(source),
-        text(target),
-    ]);
 }
 
 /// Asserts nothing is left behind: no staging on the share, nothing introduced in xapi.

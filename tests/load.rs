@@ -196,10 +196,7 @@ async fn many_clients_at_once_are_all_served_and_leave_nothing_behind() {
         .collect();
 
     // A long copy of one volume does not hold up work on another.
-    world
-        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(3_000)])
-        .await;
-    let long = world.ok(&["volume", "snapshot", &hot[0], "--no-wait"]);
+    let long = world.slow_snapshot(&hot[0], 3_000).await;
     let started = Instant::now();
     world.ok(&["volume", "extend", &hot[1], "--size", "2"]);
     let other = started.elapsed();
@@ -207,8 +204,7 @@ async fn many_clients_at_once_are_all_served_and_leave_nothing_behind() {
         other < Duration::from_secs(2),
         "extending another volume waited {other:?} for a copy"
     );
-    let long = long["id"].as_str().unwrap();
-    let copy = api.follow_job(long, &mut |_| {}).await.unwrap();
+    let copy = api.follow_job(&long, &mut |_| {}).await.unwrap();
     let copy_id = copy.result.unwrap()["id"].as_str().unwrap().to_string();
     world.ok(&["volume", "delete", &copy_id]);
     world

@@ -311,31 +311,13 @@ impl SecretSim {
 
     /// A daemon configuration with `password_line` (the password setting).
     fn config(&self, password_line: &str) -> PathBuf {
-        let dir = self.dir.path();
-        let uuid = dir.join("hypervisor-uuid");
-        std::fs::write(&uuid, format!("{}\n", support::VM_UUID)).unwrap();
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        let text = format!(
-            "xenapi_connection_url = \"{url}\"\n\
-             {password_line}\n\
-             xenapi_nfs_server = \"nfs.example\"\n\
-             xenapi_nfs_serverpath = \"/volumes\"\n\
-             xenapi_sr_base_path = \"{export}\"\n\
-             share_mount_check = false\n\
-             socket = \"{socket}\"\n\
-             state_dir = \"{state}\"\n\
-             hypervisor_uuid_path = \"{uuid}\"\n\
-             device_dir = \"{dev}\"\n",
-            url = self.url,
-            export = self.export.display(),
-            socket = dir.join("xenapinfs.sock").display(),
-            state = dir.join("state").display(),
-            uuid = uuid.display(),
-            dev = self.dev_dir.display(),
-        );
-        let path = dir.join("xenapinfs.toml");
-        std::fs::write(&path, text).unwrap();
-        path
+        support::write_daemon_config(
+            self.dir.path(),
+            &self.url,
+            &self.export,
+            &self.dev_dir,
+            &format!("{password_line}\n"),
+        )
     }
 
     /// Calls one of the simulator's `simulator.*` hooks.

@@ -103,3 +103,70 @@ pub fn copy_flattened(
     }
     out.finish()
 }
+
+/// Buffers in flight between the reading and the writing thread of [`write_raw`].
+const RAW_IN_FLIGHT: usize = 4;
+
+/// Writes the merged content of the chain whose leaf is `leaf` into `out` as a sparse raw
+/// disk: blocks no file holds stay holes. Reading and writing overlap (a second thread writes),
+/// as qemu-img keeps several requests in flight. `progress(done, total)` is called per block;
+/// returning false cancels. The caller owns `out` and removes it on error.
+pub fn write_raw(
+    leaf: &Path,
+    out: &std::fs::File,
+    out_path: &Path,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<(), VhdError> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
+    let mut reader = ChainReader::open(leaf)?;
+    let size = reader.virtual_size();
+    let blocks = size.div_ceil(BLOCK_SIZE);
+    let write_failed = |e| VhdError::io(out_path, "writing the raw disk", e);
+    std::thread::scope(|s| {
+        let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(RAW_IN_FLIGHT);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..RAW_IN_FLIGHT {
+            let _ = free_tx.send(vec![0u8; BLOCK_SIZE as usize]);
+        }
+        let writer = s.spawn(move || -> io::Result<()> {
+            for (offset, buffer) in full_rx {
+                out.write_all_at(&buffer, offset)?;
+                // The reader may have stopped already; the buffer is then simply dropped.
+                let _ = free_tx.send(buffer);
+            }
+            Ok(())
+        });
+        let read = (|| {
+            for block in 0..blocks {
+                if !progress(block, blocks) {
+                    return Err(VhdError::Cancelled);
+                }
+                if !reader.allocated(block) {
+                    continue;
+                }
+                let offset = block * BLOCK_SIZE;
+                let length = (size - offset).min(BLOCK_SIZE) as usize;
+                // No buffer back means the writer stopped; its error is reported below.
+                let Ok(mut buffer) = free_rx.recv() else {
+                    return Ok(());
+                };
+                buffer.resize(length, 0);
+                reader.read_at(offset, &mut buffer)?;
+                if full_tx.send((offset, buffer)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(io::Error::other("the writing thread panicked"))
+        });
+        read?;
+        written.map_err(write_failed)
+    })?;
+    out.set_len(size).map_err(write_failed)?;
+    progress(blocks, blocks);
+    Ok(())
+}

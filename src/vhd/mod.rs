@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 pub use chain::{Chain, ChainReader};
 pub use check::check;
-pub use copy::{copy_flattened, write_dynamic_from};
+pub use copy::{copy_flattened, write_dynamic_from, write_raw};
 pub use error::VhdError;
 pub use modify::{grow, make_child_of, set_hidden, set_parent, set_uuid};
 

@@ -921,6 +921,31 @@ fn three_deep_chain_reads_merged() {
 }
 
 #[test]
+fn write_raw_gives_the_merged_view_with_holes_and_stops_on_cancel() {
+    use std::os::unix::fs::MetadataExt;
+    let d = dir();
+    let (_, _, leaf, view) = three_deep(d.path());
+    let raw = d.path().join("disk.raw");
+    let file = std::fs::File::create(&raw).unwrap();
+    let mut calls = 0;
+    super::write_raw(&leaf, &file, &raw, &mut |_, _| {
+        calls += 1;
+        true
+    })
+    .unwrap();
+    assert!(bytes(&raw) == view, "raw differs from the merged view");
+    assert!(calls > 1, "progress is reported per block");
+    // Blocks 6, 10 and 12 are held by no file: they stay holes.
+    let allocated = std::fs::metadata(&raw).unwrap().blocks() * 512;
+    assert!(allocated <= 24 * MIB - 3 * 2 * MIB, "{allocated} bytes allocated");
+
+    let cancelled = d.path().join("cancelled.raw");
+    let file = std::fs::File::create(&cancelled).unwrap();
+    let result = super::write_raw(&leaf, &file, &cancelled, &mut |done, _| done < 3);
+    assert!(matches!(result, Err(VhdError::Cancelled)));
+}
+
+#[test]
 fn dynamic_disk_clear_bitmap_bits_read_as_zero() {
     let d = dir();
     let p = d.path().join("dyn.vhd");

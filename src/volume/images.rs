@@ -748,32 +748,15 @@ fn needs_qemu(format: ImageFormat) -> bool {
 
 /// The merged chain as a sparse raw file (holes where no VHD in the chain has data).
 fn write_sparse_raw(leaf: &Path, raw: &Path, ctx: &JobContext) -> Result<(), VolumeError> {
-    use std::io::{Seek, SeekFrom};
-    let mut reader = vhd::ChainReader::open(leaf)?;
-    let size = reader.virtual_size();
-    let mut file =
-        std::fs::File::create_new(raw).map_err(VolumeError::io("writing the raw copy"))?;
-    let mut buffer = vec![0u8; vhd::BLOCK_SIZE as usize];
-    let blocks = size.div_ceil(vhd::BLOCK_SIZE);
-    for block in 0..blocks {
-        if ctx.cancel.is_cancelled() {
-            return Err(VolumeError::Cancelled);
-        }
-        if !reader.allocated(block) {
-            continue;
-        }
-        let offset = block * vhd::BLOCK_SIZE;
-        let length = (size - offset).min(vhd::BLOCK_SIZE) as usize;
-        reader.read_at(offset, &mut buffer[..length])?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(VolumeError::io("writing the raw copy"))?;
-        file.write_all(&buffer[..length])
-            .map_err(VolumeError::io("writing the raw copy"))?;
-        ctx.progress(block as f64 / blocks as f64 * 40.0, "reading the chain");
+    let file = std::fs::File::create_new(raw).map_err(VolumeError::io("writing the raw copy"))?;
+    let mut progress = |done: u64, total: u64| {
+        ctx.progress(done as f64 / total.max(1) as f64 * 40.0, "reading the chain");
+        !ctx.cancel.is_cancelled()
+    };
+    match vhd::write_raw(leaf, &file, raw, &mut progress) {
+        Err(vhd::VhdError::Cancelled) => Err(VolumeError::Cancelled),
+        result => Ok(result?),
     }
-    file.set_len(size)
-        .map_err(VolumeError::io("writing the raw copy"))?;
-    Ok(())
 }
 
 /// Writes the export stream: the chain as a tarball, one flat VHD, raw bytes, or a file

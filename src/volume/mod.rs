@@ -207,7 +207,10 @@ impl VolumeManager {
         }
         let id = job.map_or_else(|| uuid::Uuid::new_v4().to_string(), |ctx| ctx.id());
         // Active before it is in the journal, so it is never taken for an abandoned one.
-        self.active.lock().expect("lock poisoned").insert(id.clone());
+        self.active
+            .lock()
+            .expect("lock poisoned")
+            .insert(id.clone());
         self.journal
             .begin(&id, kind, volume.map(|v| v.to_string()), job.is_some())
             .map_err(|e| {
@@ -221,7 +224,10 @@ impl VolumeManager {
     fn end(&self, op: &Operation) {
         let unclean = op.is_unclean();
         if unclean {
-            warn!(operation = op.id(), "clean-up incomplete; it will be retried");
+            warn!(
+                operation = op.id(),
+                "clean-up incomplete; it will be retried"
+            );
         } else if let Err(e) = op.finish() {
             warn!(operation = op.id(), error = %e, "could not close the operation in the journal; it will be recovered later");
         }
@@ -289,8 +295,13 @@ impl VolumeManager {
         name: &str,
         description: &str,
     ) -> Result<Volume, VolumeError> {
-        self.journaled("create", None, None, self.create_volume(size_gb, name, description))
-            .await
+        self.journaled(
+            "create",
+            None,
+            None,
+            self.create_volume(size_gb, name, description),
+        )
+        .await
     }
 
     async fn create_volume(
@@ -336,10 +347,7 @@ impl VolumeManager {
     async fn new_sr(&self, name: &str, description: &str) -> Result<SrHandle, VolumeError> {
         let host = self.host().await?;
         record(Effect::SrCreating)?;
-        let tag = BTreeMap::from([(
-            crate::journal::OPERATION_KEY.to_string(),
-            operation_id(),
-        )]);
+        let tag = BTreeMap::from([(crate::journal::OPERATION_KEY.to_string(), operation_id())]);
         let sr = self
             .xenapi
             .sr_create(

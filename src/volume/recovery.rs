@@ -70,7 +70,10 @@ impl VolumeManager {
                 continue;
             }
             // New operations on the same volume wait, so the retry never undoes their work.
-            let volume = op.volume.as_deref().and_then(|v| v.parse::<VolumeId>().ok());
+            let volume = op
+                .volume
+                .as_deref()
+                .and_then(|v| v.parse::<VolumeId>().ok());
             let _lock = match volume {
                 Some(id) => Some(self.locks.lock(id.sr).await),
                 None => None,

@@ -49,7 +49,10 @@ impl XenApiClient {
             }
             let overdue = if wait.timeout.is_some_and(|limit| started.elapsed() >= limit) {
                 Some(Overdue::Total(started.elapsed()))
-            } else if wait.stall_timeout.is_some_and(|limit| last_change.elapsed() >= limit) {
+            } else if wait
+                .stall_timeout
+                .is_some_and(|limit| last_change.elapsed() >= limit)
+            {
                 Some(Overdue::Stalled(last_change.elapsed()))
             } else {
                 None
@@ -107,7 +110,11 @@ enum Overdue {
     Stalled(Duration),
 }
 
-fn task_ended_early(task: &Ref<Task>, record: &TaskRecord, overdue: Option<Overdue>) -> XenApiError {
+fn task_ended_early(
+    task: &Ref<Task>,
+    record: &TaskRecord,
+    overdue: Option<Overdue>,
+) -> XenApiError {
     let (task, name) = (task.to_string(), record.name_label.clone());
     match overdue {
         Some(Overdue::Total(after)) => XenApiError::TaskTimeout {

@@ -223,13 +223,30 @@ pub fn entries(dir: &Path) -> Vec<String> {
 /// A configuration file for `xenapinfsd` pointing at `sim`, in the simulator's directory. The
 /// share is a plain directory here, so the share mount check is off.
 pub fn daemon_config(sim: &Sim, extra: &str) -> PathBuf {
-    let dir = sim.dir.path();
+    let password = format!("xenapi_connection_password = \"{SIM_PASSWORD}\"\n{extra}");
+    write_daemon_config(
+        sim.dir.path(),
+        &sim.url,
+        &sim.export,
+        &sim.dev_dir,
+        &password,
+    )
+}
+
+/// A daemon configuration in `dir` for the simulator at `url`; `lines` carries the password
+/// setting and anything else.
+pub fn write_daemon_config(
+    dir: &Path,
+    url: &str,
+    export: &Path,
+    dev_dir: &Path,
+    lines: &str,
+) -> PathBuf {
     let uuid_file = dir.join("hypervisor-uuid");
     std::fs::write(&uuid_file, format!("{VM_UUID}\n")).unwrap();
     std::fs::create_dir_all(dir.join("state")).unwrap();
     let text = format!(
         "xenapi_connection_url = \"{url}\"\n\
-         xenapi_connection_password = \"{SIM_PASSWORD}\"\n\
          xenapi_nfs_server = \"nfs.example\"\n\
          xenapi_nfs_serverpath = \"/volumes\"\n\
          xenapi_sr_base_path = \"{export}\"\n\
@@ -237,13 +254,12 @@ pub fn daemon_config(sim: &Sim, extra: &str) -> PathBuf {
          socket = \"{socket}\"\n\
          state_dir = \"{state}\"\n\
          hypervisor_uuid_path = \"{uuid}\"\n\
-         device_dir = \"{dev}\"\n{extra}",
-        url = sim.url,
-        export = sim.export.display(),
+         device_dir = \"{dev}\"\n{lines}",
+        export = export.display(),
         socket = dir.join("xenapinfs.sock").display(),
         state = dir.join("state").display(),
         uuid = uuid_file.display(),
-        dev = sim.dev_dir.display(),
+        dev = dev_dir.display(),
     );
     let path = dir.join("xenapinfs.toml");
     std::fs::write(&path, text).unwrap();
@@ -462,6 +478,15 @@ impl World {
     pub async fn control(&self, method: &str, params: &[Xml]) {
         self.sim.control(method, params).await;
     }
+
+    /// Starts a snapshot of `id` whose copy takes `copy_ms` in the simulator (from then on);
+    /// returns the job's id.
+    pub async fn slow_snapshot(&self, id: &str, copy_ms: i32) -> String {
+        self.control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(copy_ms)])
+            .await;
+        let job = self.ok(&["volume", "snapshot", id, "--no-wait"]);
+        job["id"].as_str().unwrap().to_string()
+    }
 }
 
 pub fn s(text: &str) -> Xml {
@@ -609,4 +634,23 @@ impl Sim {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("simulator stopped").id()
     }
+}
+
+/// A path as the `&str` a command line takes (test paths are UTF-8).
+pub fn text(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `qemu-img convert` of the raw `source` into `format` at `target`.
+pub fn make_image(source: &Path, format: &str, target: &Path) {
+    let driver = if format == "vhd" { "vpc" } else { format };
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        driver,
+        text(source),
+        text(target),
+    ]);
 }
