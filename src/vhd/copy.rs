@@ -160,9 +160,9 @@ pub fn write_raw(
             Ok(())
         })();
         drop(full_tx);
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(io::Error::other("the writing thread panicked"))
-        });
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the writing thread panicked")));
         read?;
         written.map_err(write_failed)
     })?;

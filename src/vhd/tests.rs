@@ -937,7 +937,10 @@ fn write_raw_gives_the_merged_view_with_holes_and_stops_on_cancel() {
     assert!(calls > 1, "progress is reported per block");
     // Blocks 6, 10 and 12 are held by no file: they stay holes.
     let allocated = std::fs::metadata(&raw).unwrap().blocks() * 512;
-    assert!(allocated <= 24 * MIB - 3 * 2 * MIB, "{allocated} bytes allocated");
+    assert!(
+        allocated <= 24 * MIB - 3 * 2 * MIB,
+        "{allocated} bytes allocated"
+    );
 
     let cancelled = d.path().join("cancelled.raw");
     let file = std::fs::File::create(&cancelled).unwrap();

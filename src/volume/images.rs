@@ -750,7 +750,10 @@ fn needs_qemu(format: ImageFormat) -> bool {
 fn write_sparse_raw(leaf: &Path, raw: &Path, ctx: &JobContext) -> Result<(), VolumeError> {
     let file = std::fs::File::create_new(raw).map_err(VolumeError::io("writing the raw copy"))?;
     let mut progress = |done: u64, total: u64| {
-        ctx.progress(done as f64 / total.max(1) as f64 * 40.0, "reading the chain");
+        ctx.progress(
+            done as f64 / total.max(1) as f64 * 40.0,
+            "reading the chain",
+        );
         !ctx.cancel.is_cancelled()
     };
     match vhd::write_raw(leaf, &file, raw, &mut progress) {
