@@ -125,7 +125,7 @@ async fn a_session_expiring_during_a_copy_is_invisible_to_the_user() {
 }
 
 #[tokio::test]
-async fn a_pool_member_that_is_not_the_master_redirects_every_login() {
+async fn a_pool_member_that_is_not_the_master_redirects_every_login_and_the_master_may_move() {
     let sim = Sim::start(SimOptions {
         pool_slave: true,
         ..Default::default()
@@ -147,6 +147,31 @@ async fn a_pool_member_that_is_not_the_master_redirects_every_login() {
     let id = world.create(1, "pooled");
     world.control("simulator.expire_sessions", &[]).await;
     world.ok(&["volume", "snapshot", &id]);
+    // The master moves to the other host in the middle of a copy: the agent follows.
+    let job = world.slow_snapshot(&id, 3_000).await;
+    eventually(Duration::from_secs(20), "copy under way", || {
+        world.ok(&["job", "show", &job])["progress"]
+            .as_f64()
+            .unwrap()
+            > 10.0
+    });
+    world.control("simulator.move_master", &[]).await;
+    eventually(Duration::from_secs(30), "the job ends", || {
+        world.ok(&["job", "show", &job])["state"] != "running"
+    });
+    let done = world.ok(&["job", "show", &job]);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    world
+        .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(0)])
+        .await;
+    world.ok(&["volume", "extend", &id, "--size", "2"]);
+    let status = world.ok(&["status"]);
+    assert!(
+        status["xenapi"]["url"]
+            .as_str()
+            .is_some_and(|u| u.trim_end_matches('/') == slave.trim_end_matches('/')),
+        "the agent now talks to the new master: {status}"
+    );
     let status = world.ok(&["status"]);
     assert_eq!(status["mode"], "local", "{status}");
     world.assert_xapi_clean().await;

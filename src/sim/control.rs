@@ -63,6 +63,22 @@ pub fn call(sim: &Arc<SimState>, name: &str, params: &[Value]) -> ApiResult<Valu
             };
             sim.hooks.set_hang(&method, hang);
         }
+        "move_master" => {
+            arity(name, params, 0, 0)?;
+            if sim.slave_address.get().is_none() {
+                return Err(ApiError::internal(
+                    "simulator.move_master: needs --pool-slave",
+                ));
+            }
+            // The other host takes over; sessions of the old master are gone with it.
+            sim.master_moved
+                .fetch_xor(true, std::sync::atomic::Ordering::SeqCst);
+            sim.db
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .sessions
+                .clear();
+        }
         "expire_sessions" => {
             arity(name, params, 0, 0)?;
             sim.db

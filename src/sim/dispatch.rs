@@ -344,8 +344,13 @@ pub fn handle(sim: &Arc<SimState>, role: Role, body: &[u8]) -> Reply {
             host_is_slave: false,
         };
     }
-    let outcome = if role == Role::Slave {
-        Err(ApiError::new("HOST_IS_SLAVE", [sim.master_address.clone()]))
+    let moved = sim.master_moved.load(std::sync::atomic::Ordering::SeqCst);
+    let outcome = if (role == Role::Slave) != moved {
+        let master = match (moved, sim.slave_address.get()) {
+            (true, Some(slave)) => slave.clone(),
+            _ => sim.master_address.clone(),
+        };
+        Err(ApiError::new("HOST_IS_SLAVE", [master]))
     } else {
         guarded(|| execute(sim, &call.method, &call.params))
     };

@@ -29,6 +29,7 @@
 //! | `simulator.set_delay(method, millis)` | every call of `method` takes `millis` longer (0 removes the delay); for `VDI.copy` the delay is spread over the copy so task progress can be watched |
 //! | `simulator.set_hang(method, on)` | calls of `method` (and `VDI.copy` tasks) make no progress until cancelled or released |
 //! | `simulator.set_delay("*", millis)` | the delay of every method without one of its own |
+//! | `simulator.move_master()` | with `--pool-slave`, the two hosts swap roles (sessions are lost) |
 //! | `simulator.expire_sessions()` | every session becomes invalid (`SESSION_INVALID`), as after a xapi restart |
 //! | `simulator.set_call_log(path)` | appends the call log to `path` from now on (`""` stops it) |
 //!
@@ -226,6 +227,7 @@ pub async fn start(
     {
         let addr = slave.local_addr().map_err(SimError::Listener)?;
         slave_url = Some(format!("{scheme}://{addr}/"));
+        let _ = sim.slave_address.set(addr.to_string());
         servers.push(tokio::spawn(http::serve(
             to_tokio(slave)?,
             acceptor,

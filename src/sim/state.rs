@@ -2,7 +2,8 @@
 //! a supporter with `--pool-slave`), dom0 and, with `--vm-uuid`, the appliance VM with its
 //! root disk on a local SR.
 
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, OnceLock};
 
 use super::SimConfig;
 use super::devices::Devices;
@@ -19,6 +20,10 @@ pub struct SimState {
     pub methods: Methods,
     /// What HOST_IS_SLAVE names: `127.0.0.1:PORT` of the master listener.
     pub master_address: String,
+    /// The supporter's listener address, with `--pool-slave`.
+    pub slave_address: OnceLock<String>,
+    /// `simulator.move_master` swapped the roles: the supporter is the master now.
+    pub master_moved: AtomicBool,
     /// Colon-separated SHA-256 of the server certificate, with `--tls`.
     pub fingerprint: Option<String>,
     /// Serialises `autodetect` device allocation in VBD.create, like xapi's global mutex.
@@ -48,6 +53,8 @@ impl SimState {
             devices,
             methods: super::classes::methods(),
             master_address,
+            slave_address: OnceLock::new(),
+            master_moved: AtomicBool::new(false),
             fingerprint,
             vbd_create_lock: Mutex::new(()),
         })

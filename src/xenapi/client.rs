@@ -1,7 +1,7 @@
 //! The XenAPI client: one long-lived session per agent, re-established transparently.
 //!
-//! - A `SESSION_INVALID` answer (xapi restarted, session expired, master changed) triggers one
-//!   fresh login and a retry of the call.
+//! - A `SESSION_INVALID` answer (xapi restarted, session expired) or `HOST_IS_SLAVE` (the
+//!   pool master moved) triggers one fresh login and a retry of the call.
 //! - A login answered with `HOST_IS_SLAVE` is repeated against the master it names, and every
 //!   later call goes there.
 //! - The password is sent only in the login call and never appears in errors or logs.
@@ -189,10 +189,11 @@ impl XenApiClient {
             }
             params.extend_from_slice(args);
             match self.send(&url, method, &params).await {
-                Err(e) if e.is("SESSION_INVALID") && !retried => {
+                Err(e) if (e.is("SESSION_INVALID") || e.is("HOST_IS_SLAVE")) && !retried => {
                     info!(
                         method,
-                        "XenAPI session is no longer valid; logging in again"
+                        code = e.code().unwrap_or_default(),
+                        "XenAPI session is no longer valid here; logging in again"
                     );
                     self.forget_session(&session);
                     retried = true;
