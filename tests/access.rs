@@ -7,9 +7,8 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use support::{Daemon, Sim, daemon_config};
 
@@ -127,17 +126,9 @@ fn command_as(who: &As, program: &Path) -> Command {
 
 /// The real CLI as another user: (exit ok, stdout, stderr).
 fn cli_as(who: &As, socket: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = command_as(who, Path::new(env!("CARGO_BIN_EXE_xenapinfs")))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut command = command_as(who, Path::new(env!("CARGO_BIN_EXE_xenapinfs")));
+    command.arg("--socket").arg(socket).args(args);
+    support::run_captured(&mut command)
 }
 
 /// `curl` as another user on the socket: (HTTP status, body). None when curl is not installed.
@@ -163,29 +154,7 @@ fn start_daemon(sim: &Sim, extra_config: &str) -> (Daemon, PathBuf) {
     std::fs::set_permissions(sim.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let config = daemon_config(sim, extra_config);
     let log = sim.dir.path().join("daemon.log");
-    let socket = sim.dir.path().join("xenapinfs.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_xenapinfsd"))
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "xenapinfsd did not create its socket: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let daemon = Daemon {
-        child: Some(child),
-        socket,
-    };
+    let daemon = Daemon::start_logging(&config, Some(&log), "warn");
     daemon.settled_status();
     (daemon, log)
 }

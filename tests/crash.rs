@@ -69,9 +69,7 @@ fn kill_after_calls(world: &mut World, before: usize, calls: usize, job: &str) {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut child = world.daemon.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    world.daemon.kill();
     // xapi finishes a call whose client died; so does the simulator. Recovery must cope with
     // that call's effect, so it runs after the call is done, as after a real restart.
     let mut seen = world.sim.logged_methods().len();
@@ -352,11 +350,6 @@ async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() 
     let mut world = World::start().await;
     let id = world.create(1, "attached");
     let before = footprint(&world).await;
-    let kill = |world: &mut World| {
-        let mut child = world.daemon.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    };
 
     // The journal knows the attachment: VBD, PBD and SR all go.
     world.ok(&["volume", "attach", &id]);
@@ -364,13 +357,13 @@ async fn an_attachment_cut_short_by_sigkill_is_undone_at_start_journal_or_not() 
         world.sim.objects().await.vbds.len(),
         before.xapi.vbds.len() + 1
     );
-    kill(&mut world);
+    world.daemon.kill();
     restart(&mut world);
     assert_eq!(footprint(&world).await, before);
 
     // Journal lost (a fresh state directory): the VBD still goes, found by its tag.
     world.ok(&["volume", "attach", &id]);
-    kill(&mut world);
+    world.daemon.kill();
     let state = world.sim.dir.path().join("state");
     std::fs::remove_dir_all(&state).unwrap();
     std::fs::create_dir(&state).unwrap();

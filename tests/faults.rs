@@ -104,23 +104,28 @@ async fn a_copy_task_that_hangs_is_cancelled_after_the_stall_timeout() {
     assert_eq!(world.sim.sr_dirs(), dirs, "the half-made copy is gone");
 }
 
-#[tokio::test]
-async fn a_session_expiring_during_a_copy_is_invisible_to_the_user() {
-    let world = World::start().await;
-    let id = world.create(1, "source");
-    let job = world.slow_snapshot(&id, 3_000).await;
+/// A 3 s snapshot of `id` during which the simulator's `disturbance` happens must succeed.
+async fn snapshot_survives(world: &World, id: &str, disturbance: &str) {
+    let job = world.slow_snapshot(id, 3_000).await;
     eventually(Duration::from_secs(20), "copy under way", || {
         world.ok(&["job", "show", &job])["progress"]
             .as_f64()
             .unwrap()
             > 10.0
     });
-    world.control("simulator.expire_sessions", &[]).await;
+    world.control(disturbance, &[]).await;
     eventually(Duration::from_secs(30), "the job ends", || {
         world.ok(&["job", "show", &job])["state"] != "running"
     });
     let done = world.ok(&["job", "show", &job]);
-    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["state"], "succeeded", "after {disturbance}: {done}");
+}
+
+#[tokio::test]
+async fn a_session_expiring_during_a_copy_is_invisible_to_the_user() {
+    let world = World::start().await;
+    let id = world.create(1, "source");
+    snapshot_survives(&world, &id, "simulator.expire_sessions").await;
     world.assert_xapi_clean().await;
 }
 
@@ -148,19 +153,7 @@ async fn a_pool_member_that_is_not_the_master_redirects_every_login_and_the_mast
     world.control("simulator.expire_sessions", &[]).await;
     world.ok(&["volume", "snapshot", &id]);
     // The master moves to the other host in the middle of a copy: the agent follows.
-    let job = world.slow_snapshot(&id, 3_000).await;
-    eventually(Duration::from_secs(20), "copy under way", || {
-        world.ok(&["job", "show", &job])["progress"]
-            .as_f64()
-            .unwrap()
-            > 10.0
-    });
-    world.control("simulator.move_master", &[]).await;
-    eventually(Duration::from_secs(30), "the job ends", || {
-        world.ok(&["job", "show", &job])["state"] != "running"
-    });
-    let done = world.ok(&["job", "show", &job]);
-    assert_eq!(done["state"], "succeeded", "{done}");
+    snapshot_survives(&world, &id, "simulator.move_master").await;
     world
         .control("simulator.set_delay", &[s("VDI.copy"), Xml::Int(0)])
         .await;

@@ -16,34 +16,7 @@ use xenapinfs::xenapi::codec;
 
 /// The daemon with its log in `log` (no colours), at `level`.
 fn start_daemon(config: &Path, log: &Path, level: &str) -> Daemon {
-    let text = std::fs::read_to_string(config).unwrap();
-    let socket = text
-        .lines()
-        .find_map(|l| l.strip_prefix("socket = \""))
-        .map(|s| PathBuf::from(s.trim_end_matches('"')))
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_xenapinfsd"))
-        .env("RUST_LOG", level)
-        .env("NO_COLOR", "1")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "xenapinfsd did not create its socket: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon {
-        child: Some(child),
-        socket,
-    }
+    Daemon::start_logging(config, Some(log), level)
 }
 
 /// `xenapinfs status --json`, polled until XenAPI has failed at least once.

@@ -273,27 +273,39 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Warnings and errors only, to the test's stderr: the tests' own output stays readable.
     pub fn start(config: &Path) -> Daemon {
+        Self::start_logging(config, None, "warn")
+    }
+
+    /// The daemon logging at `level`, into `log` (without colours) or to the test's stderr.
+    pub fn start_logging(config: &Path, log: Option<&Path>, level: &str) -> Daemon {
         let text = std::fs::read_to_string(config).unwrap();
         let socket = text
             .lines()
             .find_map(|l| l.strip_prefix("socket = \""))
             .map(|s| PathBuf::from(s.trim_end_matches('"')))
             .unwrap();
-        // Warnings and errors only: the tests' own output stays readable.
+        let stderr = match log {
+            Some(log) => Stdio::from(std::fs::File::create(log).unwrap()),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_xenapinfsd"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
+            .env("NO_COLOR", "1")
             .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let started = Instant::now();
         while !socket.exists() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "xenapinfsd did not create its socket"
+                "xenapinfsd did not create its socket: {}",
+                log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -305,17 +317,16 @@ impl Daemon {
 
     /// Runs the real CLI against this daemon; returns (exit ok, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_xenapinfs"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xenapinfs"));
+        command.arg("--socket").arg(&self.socket).args(args);
+        run_captured(&mut command)
+    }
+
+    /// SIGKILL, as a crash: nothing of the daemon's own clean-up runs.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("already stopped");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// `xenapinfs status --json`, polled until the agent has decided its mode.
@@ -653,4 +664,14 @@ pub fn make_image(source: &Path, format: &str, target: &Path) {
         text(source),
         text(target),
     ]);
+}
+
+/// Runs `command` to the end: (exit ok, stdout, stderr).
+pub fn run_captured(command: &mut Command) -> (bool, String, String) {
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
